@@ -42,7 +42,8 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 
 def _smooth_noise(rng: np.random.Generator, scale: int = 4) -> np.ndarray:
     """Low-frequency noise [H, W, 3] in [0, 1]: an upsampled coarse random grid."""
-    coarse = rng.uniform(0, 1, size=(SIZE // scale + 1, SIZE // scale + 1, 3)).astype(np.float32)
+    cells = int(np.ceil(SIZE / scale)) + 1
+    coarse = rng.uniform(0, 1, size=(cells, cells, 3)).astype(np.float32)
     idx = np.arange(SIZE) / scale
     i0 = np.floor(idx).astype(int)
     f = (idx - i0)[:, None]

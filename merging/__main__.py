@@ -1,0 +1,5 @@
+import sys
+
+from merging.cli import main
+
+sys.exit(main())

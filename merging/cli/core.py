@@ -1,0 +1,175 @@
+"""Core commands: list methods, build suites, merge raw checkpoints, run a method, print the table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from merging.cli import add_common, parse_sets
+from merging.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("list-methods", help="the registered methods, their hyperparameters and presets")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_list_methods)
+
+    p = sub.add_parser("suite", help="build or inspect a suite")
+    ss = p.add_subparsers(dest="suite_command", required=True, metavar="SUITE_COMMAND")
+    b = ss.add_parser("build", help="build (or load) a built-in suite, e.g. mini8 or micro")
+    b.add_argument("name")
+    b.add_argument("--seed", type=int, default=0)
+    add_common(b)
+    b.set_defaults(func=cmd_suite_build)
+    ls = ss.add_parser("list", help="the built-in suites")
+    ls.set_defaults(func=cmd_suite_list)
+
+    p = sub.add_parser(
+        "merge",
+        help="merge your own state-dict checkpoints into one file",
+        description="Merge plain state dicts (safetensors, or .pt loaded with weights_only=True) key by key.",
+    )
+    p.add_argument("--method", required=True, help="weight_averaging, task_arithmetic or ties")
+    p.add_argument("--pretrained", required=True, help="the pretrained checkpoint")
+    p.add_argument("--finetuned", nargs="*", default=[], metavar="NAME=PATH", help="fine-tuned checkpoints, one per task")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter, e.g. scaling=0.3 (repeat the flag)")
+    p.add_argument("--out", required=True, help="output file (.safetensors)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("run", help="run one method on a suite (cached by its key) and print per-task accuracy")
+    p.add_argument("--suite", default="mini8")
+    p.add_argument("--method", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat the flag)")
+    p.add_argument("--preset", default=None, help="fast or paper (default: fast on CPU, paper on GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
+    p.add_argument("--force", action="store_true", help="recompute even if cached")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    p.add_argument("--report", default=None, help="also write FusionBench's program_report.json shape to this path")
+    add_common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("table", help="per-task accuracy of the baselines (and any other cached runs) on a suite")
+    p.add_argument("--suite", default="mini8")
+    p.add_argument("--methods", default=None, help="comma-separated methods to run (default: the baselines)")
+    p.add_argument("--ta-grid", default=None, help="also run task arithmetic at these scalings, e.g. 0.1,0.2,...,1.0")
+    p.add_argument("--normalized", action="store_true", help="also print accuracy normalized by Individual")
+    p.add_argument("--csv", default=None, help="write the table to this CSV file")
+    add_common(p)
+    p.set_defaults(func=cmd_table)
+
+
+def cmd_list_methods(args: argparse.Namespace) -> int:
+    from merging.methods import METHODS
+
+    described = [m.describe() for m in METHODS.values()]
+    if args.json:
+        print(json.dumps(described, indent=2, default=str))
+        return 0
+    for d in described:
+        params = ", ".join(f"{k}={v}" for k, v in d["params"].items()) or "-"
+        presets = f"  presets: {', '.join(d['presets'])}" if d["presets"] else ""
+        print(f"{d['name']:<18} {d['title']}\n{'':<18} {params}{presets}\n{'':<18} {d['paper_url']}")
+    return 0
+
+
+def cmd_suite_build(args: argparse.Namespace) -> int:
+    from merging.suites import get_suite
+
+    suite = get_suite(args.name, seed=args.seed, cache_dir=args.cache_dir)
+    secs = suite.info.get("build_seconds", {})
+    print(f"suite {suite.name}: {len(suite.tasks)} tasks ({', '.join(suite.tasks)}); fingerprint {suite.fingerprint}")
+    if secs:
+        print("build seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
+    return 0
+
+
+def cmd_suite_list(args: argparse.Namespace) -> int:
+    from merging.suites.mini8 import RECIPES
+
+    for name, r in RECIPES.items():
+        print(f"{name:<8} {len(r.tasks)} tasks: {', '.join(r.tasks)}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from merging.merge_files import merge_files
+
+    finetuned: dict[str, str] = {}
+    for item in args.finetuned:
+        name, path = item.split("=", 1) if "=" in item else (Path(item).stem, item)
+        if name in finetuned:
+            raise ConfigError(f"--finetuned: the name {name!r} is given twice")
+        finetuned[name] = path
+    out = merge_files(args.method, args.pretrained, finetuned, parse_sets(args.set), args.out)
+    print(f"wrote {out} ({args.method}, {len(finetuned)} fine-tuned models)")
+    return 0
+
+
+def _print_result(result: dict) -> None:
+    acc = result["accuracy"]
+    width = max(len(t) for t in acc)
+    preset = f", preset {result['preset']}" if result.get("preset") else ""
+    print(f"{result['title']} on {result['suite']}{preset} ({result['key']})")
+    for t, a in acc.items():
+        print(f"  {t:<{width}}  {a:6.2f}")
+    print(f"  {'average':<{width}}  {result['average']:6.2f}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from merging.io import save_json
+    from merging.runs import RunConfig, program_report, run
+    from merging.suites import get_suite
+
+    suite = get_suite(args.suite, cache_dir=args.cache_dir)
+    tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else None
+    if tasks:
+        suite.check_tasks(list(tasks))
+    config = RunConfig(args.suite, args.method, parse_sets(args.set), args.preset, args.seed, tasks)
+    result = run(config, suite, cache_dir=args.cache_dir, device=args.device, force=args.force)
+    if args.report:
+        save_json(program_report(result), args.report)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_result(result)
+    return 0
+
+
+def baseline_table(suite_name: str, methods: list[str], ta_grid: list[float], cache_dir: str, device: str | None):
+    """Run (or load) each method and return the accuracy table, row labels like ``task_arithmetic(0.3)``."""
+    from merging.evaluation import accuracy_table
+    from merging.runs import RunConfig, run
+    from merging.suites import get_suite
+
+    suite = get_suite(suite_name, cache_dir=cache_dir)
+    rows = {}
+    for m in methods:
+        rows[m] = run(RunConfig(suite_name, m), suite, cache_dir=cache_dir, device=device)["accuracy"]
+    for lam in ta_grid:
+        r = run(RunConfig(suite_name, "task_arithmetic", {"scaling": lam}), suite, cache_dir=cache_dir, device=device)
+        rows[f"task_arithmetic({lam:g})"] = r["accuracy"]
+    return accuracy_table(rows, suite.tasks)
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from merging.evaluation import normalized_table
+    from merging.methods import BASELINES
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(BASELINES)
+    grid = [float(x) for x in args.ta_grid.split(",")] if args.ta_grid else []
+    table = baseline_table(args.suite, methods, grid, args.cache_dir, args.device)
+    with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.1f}".format):
+        print(table)
+        if args.normalized and "individual" in table.index:
+            print("\nnormalized accuracy (% of individual):")
+            print(normalized_table(table))
+    if args.csv:
+        from merging.io import atomic_write
+
+        atomic_write(args.csv, lambda tmp: table.to_csv(tmp, float_format="%.2f"))
+        print(f"wrote {args.csv}")
+    return 0

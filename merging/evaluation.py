@@ -1,0 +1,58 @@
+"""Per-task accuracy of any ``MultiTaskModel``, batched on the device, and the tables built from it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from merging.device import default_device
+from merging.model import MultiTaskModel
+from merging.progress import ProgressFn, track
+from merging.suites.base import Suite
+
+
+@torch.no_grad()
+def evaluate(
+    model: MultiTaskModel,
+    suite: Suite,
+    tasks: Sequence[str] | None = None,
+    batch_size: int = 256,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, dict[str, float]]:
+    """``{task: {"accuracy": percent, "loss": mean cross-entropy}}`` on each task's labeled test set."""
+    tasks = suite.check_tasks(list(tasks) if tasks is not None else model.tasks)
+    device = device or default_device()
+    model.eval().to(device)
+    jobs = [(t, b) for t in tasks for b in range(0, len(suite.data[t].test_images), batch_size)]
+    correct = dict.fromkeys(tasks, 0)
+    loss = dict.fromkeys(tasks, 0.0)
+    for task, start in track(jobs, desc="evaluating", progress=progress):
+        data = suite.data[task]
+        images = data.preprocess(data.test_images[start : start + batch_size]).to(device)
+        labels = data.test_labels[start : start + batch_size].to(device)
+        logits = model.logits(images, task).float()
+        correct[task] += int((logits.argmax(-1) == labels).sum())
+        loss[task] += float(F.cross_entropy(logits, labels, reduction="sum"))
+    return {t: {"accuracy": 100.0 * correct[t] / len(suite.data[t].test_labels), "loss": loss[t] / len(suite.data[t].test_labels)} for t in tasks}
+
+
+def accuracy_table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[str] | None = None) -> pd.DataFrame:
+    """Methods x tasks accuracy (%) with an ``avg`` column, in the given row order."""
+    df = pd.DataFrame(rows).T
+    if tasks is not None:
+        df = df[list(tasks)]
+    df["avg"] = df.mean(axis=1)
+    return df
+
+
+def normalized_table(table: pd.DataFrame, reference: str = "individual") -> pd.DataFrame:
+    """Accuracy / the reference row's accuracy, per task, in percent (normalized accuracy)."""
+    tasks = [c for c in table.columns if c != "avg"]
+    ref = table.loc[reference, tasks]
+    norm = table[tasks].div(ref, axis=1) * 100.0
+    norm["avg"] = norm.mean(axis=1)
+    return norm

@@ -1,0 +1,125 @@
+"""Safe loading and atomic saving of weights and results.
+
+Never unpickles: ``.safetensors`` via safetensors, ``.pt``/``.pth``/``.bin`` only through
+``torch.load(weights_only=True)``. Every write goes to a temporary file in the same folder and is
+renamed into place, so a killed process never leaves a file that is later read as valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from merging.errors import CheckpointError
+
+StateDict = dict[str, torch.Tensor]
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_json(obj: Any, path: str | Path) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+
+    return atomic_write(path, write)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def load_json(path: str | Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_state_dict(path: str | Path, check_finite: bool = True) -> StateDict:
+    """Load a weights file safely; one-line errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            state = load_file(str(path))
+        elif suffix in (".pt", ".pth", ".bin", ".ckpt"):
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        else:
+            raise CheckpointError(f"{path}: unknown weights format {suffix!r} (use .safetensors or a .pt state dict)")
+    except CheckpointError:
+        raise
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    except Exception as e:  # torch.load raises UnpicklingError / RuntimeError / EOFError for bad files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path}: holds pickled Python objects, not a plain state dict; refusing to unpickle it "
+                "(convert it to safetensors in an environment you trust)"
+            ) from None
+        raise CheckpointError(f"{path}: could not be read as a state dict ({msg})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: is not a flat state dict of tensors")
+    if not state:
+        raise CheckpointError(f"{path}: holds no tensors")
+    if check_finite:
+        check_finite_state(state, str(path))
+    return state
+
+
+def check_finite_state(state: Mapping[str, torch.Tensor], where: str) -> None:
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{where}: tensor {k!r} holds NaN or Inf values")
+
+
+def check_compatible(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], ref_name: str, name: str) -> None:
+    """Same keys and shapes, or a one-line error naming the first difference."""
+    missing = sorted(set(reference) - set(other))
+    extra = sorted(set(other) - set(reference))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s), e.g. {missing[0]!r}")
+        if extra:
+            parts.append(f"{len(extra)} unexpected key(s), e.g. {extra[0]!r}")
+        raise CheckpointError(f"{name}: keys do not match {ref_name}: " + "; ".join(parts))
+    for k, v in reference.items():
+        if other[k].shape != v.shape:
+            raise CheckpointError(
+                f"{name}: tensor {k!r} has shape {tuple(other[k].shape)} but {ref_name} has {tuple(v.shape)}"
+            )

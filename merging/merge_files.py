@@ -1,0 +1,60 @@
+"""Merge a user's own checkpoints: plain state dicts in, one merged state dict out (the spine issue's CLI contract).
+
+Architecture-agnostic: same keys and shapes in every file; floating-point tensors merged key by key
+with their dtype kept; other tensors copied from the pretrained file; inputs never modified; nothing
+is written unless the whole merge succeeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from merging.errors import CheckpointError, ConfigError
+from merging.io import atomic_write, check_compatible, check_finite_state, load_state_dict, save_state_dict
+from merging.methods import get_method, make_params
+from merging.methods.base import StaticMergeMethod
+
+
+def merge_files(
+    method_name: str,
+    pretrained: str | Path,
+    finetuned: Mapping[str, str | Path],
+    settings: Mapping[str, str] | None = None,
+    out: str | Path = "merged.safetensors",
+) -> Path:
+    """Load, validate, merge and atomically write; raises a one-line ``MergeLensError`` on bad input."""
+    method = get_method(method_name)
+    if not isinstance(method, StaticMergeMethod) or method.name in ("pretrained",):
+        allowed = ["weight_averaging", "task_arithmetic", "ties"]
+        raise ConfigError(f"method {method_name!r} cannot merge raw checkpoints; use one of: {', '.join(allowed)}")
+    params = make_params(method, settings or {})
+    if not finetuned:
+        raise ConfigError("--finetuned is empty: give at least one NAME=PATH fine-tuned checkpoint")
+    out = Path(out)
+    inputs = [Path(pretrained), *map(Path, finetuned.values())]
+    if any(out.resolve() == p.resolve() for p in inputs if p.exists()):
+        raise ConfigError(f"--out {out} is one of the input files; inputs are never modified")
+    base = load_state_dict(pretrained)
+    models = {}
+    for name, path in finetuned.items():
+        state = load_state_dict(path)
+        check_compatible(base, state, str(pretrained), str(path))
+        models[name] = state
+    merged = method.merge_state_dicts(base, models, params)
+    check_finite_state(merged, f"merged result ({method.name})")
+    for k, v in base.items():
+        if merged[k].dtype != v.dtype:
+            raise CheckpointError(f"internal error: merged {k!r} changed dtype")
+    return save_merged(merged, out, {"method": method.name, **{k: str(v) for k, v in (settings or {}).items()}})
+
+
+def save_merged(state: Mapping[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> Path:
+    if out.suffix.lower() == ".safetensors":
+        return save_state_dict(state, out, metadata)
+    if out.suffix.lower() in (".pt", ".pth", ".bin"):
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        return atomic_write(out, lambda tmp: torch.save(tensors, tmp))
+    raise ConfigError(f"--out {out}: use a .safetensors (or .pt) file name")

@@ -1,0 +1,27 @@
+"""Task arithmetic: theta = theta_0 + lambda sum_k tau_k, lambda = 0.3 ("prior 0.3" in every repo; algorithms.md §1)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from merging import task_vectors as tv
+from merging.methods.base import StateDict, StaticMergeMethod
+
+
+@dataclass(frozen=True)
+class TaskArithmeticParams:
+    scaling: float = 0.3
+    """lambda; 0.3 in AdaMerging/Surgery/FusionBench (config/method/task_arithmetic.yaml)."""
+
+
+class TaskArithmetic(StaticMergeMethod):
+    name = "task_arithmetic"
+    title = "Task Arithmetic"
+    paper_url = "https://arxiv.org/abs/2212.04089"
+    Params = TaskArithmeticParams
+
+    def merge_state_dicts(self, pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, Mapping[str, torch.Tensor]], params: TaskArithmeticParams) -> StateDict:
+        return tv.task_arithmetic(pretrained, list(finetuned.values()), params.scaling)

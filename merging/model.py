@@ -1,0 +1,157 @@
+"""The one abstraction every method answers: a multi-task model with ``encode`` and ``logits``.
+
+``encode(images, task)`` is the visual encoder's unnormalized output embedding (where Surgery acts,
+algorithms.md §2); ``logits(images, task)`` applies the task's head to it. Pretrained, individual,
+every merge, Surgery, WEMoE and Tinting all answer these calls, so evaluation, features and plots are
+written once (DESIGN.md, "The one abstraction").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from merging.errors import ConfigError
+
+StateDict = dict[str, torch.Tensor]
+
+
+def build_encoder(config: Mapping) -> nn.Module:
+    """An image encoder from a small architecture config (open_clip's ``VisionTransformer`` or a named model)."""
+    kind = config.get("kind", "vit")
+    if kind == "vit":
+        from open_clip.transformer import VisionTransformer
+
+        kw = {k: v for k, v in config.items() if k != "kind"}
+        return VisionTransformer(**kw)
+    if kind == "open_clip":
+        import open_clip
+
+        model = open_clip.create_model(config["name"], pretrained=None, **config.get("kwargs", {}))
+        return model.visual
+    raise ConfigError(f"unknown encoder kind {kind!r}; known: 'vit', 'open_clip'")
+
+
+class Head(nn.Module):
+    """h(z) = W (z / ||z||) + b, the logit scale folded into W (algorithms.md §0)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, trainable: bool = False):
+        super().__init__()
+        bias = torch.zeros(weight.shape[0]) if bias is None else bias
+        self.weight = nn.Parameter(weight.detach().clone().float(), requires_grad=trainable)
+        self.bias = nn.Parameter(bias.detach().clone().float(), requires_grad=trainable)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(features, dim=-1), self.weight, self.bias)
+
+
+def make_heads(heads: Mapping[str, Mapping[str, torch.Tensor]], trainable: bool = False) -> nn.ModuleDict:
+    return nn.ModuleDict({t: Head(h["weight"], h.get("bias"), trainable) for t, h in heads.items()})
+
+
+class MultiTaskModel(nn.Module):
+    """Base class: subclasses implement ``encode``; ``logits`` applies the task's head.
+
+    Trainable state (what a run saves and reloads) is the set of parameters with ``requires_grad``;
+    frozen weights are buffers or frozen parameters, rebuilt deterministically from the suite.
+    """
+
+    def __init__(self, tasks: Sequence[str], heads: nn.ModuleDict):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.heads = heads
+
+    def check_task(self, task: str) -> None:
+        if task not in self.heads:
+            raise ConfigError(f"unknown task {task!r}; this model knows: {', '.join(self.tasks)}")
+
+    def encode(self, images: torch.Tensor, task: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, images: torch.Tensor, task: str) -> torch.Tensor:
+        self.check_task(task)
+        return self.heads[task](self.encode(images, task))
+
+    def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
+        """Token-mean of every transformer block's output (SurgeryV2's per-layer view)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose per-block features")
+
+    def trainable_state(self) -> StateDict:
+        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        missing = [k for k in state if k not in params]
+        if missing:
+            raise ConfigError(f"saved state has unknown parameter(s): {missing[:3]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
+
+def blocks_of(encoder: nn.Module) -> Sequence[nn.Module]:
+    return encoder.transformer.resblocks
+
+
+def encoder_block_features(
+    encoder: nn.Module, images: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """Token-mean of each block output of an open_clip ViT (hooks on its blocks), optionally with ``params``."""
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda _m, _i, o: outs.append(o.mean(dim=1))) for b in blocks_of(encoder)]
+    try:
+        if params is None:
+            encoder(images)
+        else:
+            functional_call(encoder, dict(params), (images,))
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+class StaticModel(MultiTaskModel):
+    """One encoder for every task: pretrained, weight averaging, task arithmetic, TIES."""
+
+    def __init__(self, encoder: nn.Module, state: Mapping[str, torch.Tensor], tasks: Sequence[str], heads: nn.ModuleDict):
+        super().__init__(tasks, heads)
+        self.encoder = encoder
+        self.encoder.load_state_dict(dict(state))
+        self.encoder.requires_grad_(False)
+
+    def encode(self, images: torch.Tensor, task: str) -> torch.Tensor:
+        self.check_task(task)
+        return self.encoder(images)
+
+    def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
+        self.check_task(task)
+        return encoder_block_features(self.encoder, images)
+
+
+class PerTaskModel(MultiTaskModel):
+    """One encoder state per task run through one module by ``functional_call``: the individual models.
+
+    Holds state dicts, not module copies, so T tasks cost T sets of weights and one module.
+    """
+
+    def __init__(self, encoder: nn.Module, states: Mapping[str, Mapping[str, torch.Tensor]], heads: nn.ModuleDict):
+        super().__init__(list(states), heads)
+        self.encoder = encoder.requires_grad_(False)
+        self.states = {t: dict(s) for t, s in states.items()}
+
+    def _apply(self, fn, recurse=True):  # keep the per-task states on the module's device
+        super()._apply(fn, recurse)
+        self.states = {t: {k: fn(v) for k, v in s.items()} for t, s in self.states.items()}
+        return self
+
+    def encode(self, images: torch.Tensor, task: str) -> torch.Tensor:
+        self.check_task(task)
+        return functional_call(self.encoder, self.states[task], (images,))
+
+    def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
+        self.check_task(task)
+        return encoder_block_features(self.encoder, images, self.states[task])

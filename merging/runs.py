@@ -1,0 +1,181 @@
+"""A run = (suite, method, hyperparameters, seed, tasks) -> a cache key -> results written atomically.
+
+``cache/runs/<key>/state.safetensors`` holds the trainable state a data-dependent method learned and
+``result.json`` (written last, atomically) the accuracies and internals. A run is complete exactly
+when ``result.json`` exists; a killed run leaves at most temporary files that nothing reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merging.device import default_device, default_preset
+from merging.evaluation import evaluate
+from merging.io import load_json, load_state_dict, save_json, save_state_dict
+from merging.methods import get_method, make_params, params_dict
+from merging.methods.base import MergeMethod, RunContext
+from merging.model import MultiTaskModel
+from merging.progress import ProgressFn, scaled
+from merging.suites import Suite, get_suite
+
+CODE_VERSION = "1"
+_SHARED_SOURCES = ("model.py", "task_vectors.py", "evaluation.py", "methods/base.py")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What determines a run. ``params`` are overrides on top of the preset (or the defaults)."""
+
+    suite: str
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
+    seed: int = 0
+    tasks: tuple[str, ...] | None = None
+
+    def resolve(self, device: str | None = None) -> tuple[MergeMethod, Any, str | None]:
+        """The method, its typed parameters, and the preset actually used (``fast`` on CPU, ``paper`` on GPU)."""
+        method = get_method(self.method)
+        preset = self.preset
+        if preset is None and method.presets:
+            preset = default_preset(device)
+        return method, make_params(method, self.params, preset), preset
+
+
+def code_version(method: MergeMethod) -> str:
+    """The code version in a run key: the method's own source plus the shared machinery it runs on."""
+    root = Path(__file__).parent
+    h = hashlib.sha256(CODE_VERSION.encode())
+    h.update(inspect.getsource(type(method)).encode())
+    h.update(Path(inspect.getfile(type(method))).read_bytes())
+    for rel in _SHARED_SOURCES:
+        h.update((root / rel).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def run_key(config: RunConfig, suite: Suite, method: MergeMethod, params: Any) -> str:
+    blob = {
+        "suite": suite.fingerprint,
+        "method": method.name,
+        "params": params_dict(params),
+        "seed": config.seed,
+        "tasks": list(config.tasks) if config.tasks else None,
+        "code": code_version(method),
+    }
+    digest = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{method.name}-{digest}"
+
+
+def run_dir(cache_dir: str | Path, key: str) -> Path:
+    return Path(cache_dir) / "runs" / key
+
+
+def count_parameters(model: MultiTaskModel) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    extra = getattr(model, "states", None)
+    if extra:
+        total += sum(v.numel() for s in extra.values() for v in s.values())
+    return {"trainable": trainable, "total": total}
+
+
+def build_model(config: RunConfig, suite: Suite, device: str | None = None) -> tuple[MultiTaskModel, MergeMethod, Any, str | None]:
+    method, params, preset = config.resolve(device)
+    target = suite.subset(list(config.tasks)) if config.tasks else suite
+    return method.build(target, params), method, params, preset
+
+
+def run(
+    config: RunConfig,
+    suite: Suite | None = None,
+    cache_dir: str | Path = "cache",
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+    force: bool = False,
+) -> dict:
+    """Run (or load the cached result of) one method on one suite; returns the result dict."""
+    device = device or default_device()
+    suite = suite or get_suite(config.suite, cache_dir=cache_dir, progress=scaled(progress, 0.0, 0.2, "suite: "))
+    method, params, preset = config.resolve(device)
+    key = run_key(config, suite, method, params)
+    folder = run_dir(cache_dir, key)
+    if (folder / "result.json").is_file() and not force:
+        return load_json(folder / "result.json")
+    target = suite.subset(list(config.tasks)) if config.tasks else suite
+    torch.manual_seed(config.seed)
+    model = method.build(target, params).to(device)
+    t0 = time.perf_counter()
+    info: dict = {}
+    if method.data_dependent:
+        ctx = RunContext(device=device, seed=config.seed, progress=scaled(progress, 0.2, 0.9, "adapting: "))
+        model.train()
+        info = method.adapt(model, target, params, ctx)
+        model.eval()
+        save_state_dict(model.trainable_state(), folder / "state.safetensors")
+    t_adapt = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    scores = evaluate(model, target, device=device, progress=scaled(progress, 0.9, 1.0, "evaluating: "))
+    t_eval = time.perf_counter() - t1
+    accuracy = {t: s["accuracy"] for t, s in scores.items()}
+    result = {
+        "key": key,
+        "suite": config.suite,
+        "suite_fingerprint": suite.fingerprint,
+        "method": method.name,
+        "title": method.title,
+        "preset": preset,
+        "params": params_dict(params),
+        "overrides": dict(config.params),
+        "seed": config.seed,
+        "tasks": list(target.tasks),
+        "device": device,
+        "accuracy": accuracy,
+        "loss": {t: s["loss"] for t, s in scores.items()},
+        "average": sum(accuracy.values()) / len(accuracy),
+        "parameters": count_parameters(model),
+        "seconds": {"adapt": t_adapt, "evaluate": t_eval},
+        "info": info,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    save_json(result, folder / "result.json")
+    return result
+
+
+def load_model(result: dict, suite: Suite, cache_dir: str | Path = "cache") -> MultiTaskModel:
+    """Rebuild a finished run's model: the method's deterministic init plus its saved trainable state."""
+    method = get_method(result["method"])
+    params = make_params(method, result["params"])
+    model = method.build(suite.subset(result["tasks"]), params)
+    state_path = run_dir(cache_dir, result["key"]) / "state.safetensors"
+    if state_path.is_file():
+        model.load_trainable_state(load_state_dict(state_path, check_finite=False))
+    return model.eval()
+
+
+def list_results(cache_dir: str | Path = "cache", suite: str | None = None) -> list[dict]:
+    """Every finished run in the cache (optionally of one suite), oldest first."""
+    results = []
+    for path in sorted((Path(cache_dir) / "runs").glob("*/result.json")):
+        try:
+            r = load_json(path)
+        except (OSError, ValueError):
+            continue
+        if suite is None or r.get("suite") == suite:
+            results.append(r)
+    return sorted(results, key=lambda r: r.get("created", ""))
+
+
+def program_report(result: dict) -> dict:
+    """A run's result in FusionBench's ``program_report.json`` shape (anchors.md §1)."""
+    report: dict[str, Any] = {t: {"accuracy": result["accuracy"][t] / 100.0, "loss": result["loss"][t]} for t in result["tasks"]}
+    report["average"] = {"accuracy": result["average"] / 100.0, "loss": sum(result["loss"].values()) / len(result["loss"])}
+    report["model_info"] = {"trainable_params": result["parameters"]["trainable"], "all_params": result["parameters"]["total"]}
+    return report

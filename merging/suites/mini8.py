@@ -1,0 +1,291 @@
+"""The built-in offline suites ``mini8`` (8 tasks) and ``micro`` (3 tasks, for tests).
+
+A tiny open_clip ``VisionTransformer`` is pretrained CLIP-style on a weakly supervised *caption*
+pretext over fresh images of every task family (each image's caption is a bag of words: its family
+word, with probability ``p_word`` its class word, with probability ``p_wrong`` a wrong class word), so
+that, as with CLIP, the pretrained model knows a little about every task and nothing well. Heads are
+"zero-shot" heads read off the pretrained word embeddings of the class names (the analogue of CLIP's
+text heads, weaker than a linear probe). Each task's encoder is then fine-tuned with its head frozen
+(the task-vectors protocol). Everything is deterministic by seed and cached under ``cache/suites``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from merging.errors import CheckpointError, ConfigError
+from merging.io import atomic_write, load_json, save_json
+from merging.model import build_encoder
+from merging.progress import ProgressFn, scaled, track
+from merging.suites.base import Suite, TaskData
+from merging.suites.generators import TASK_SPECS
+
+SUITE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a built-in suite; its hash is part of the cache path."""
+
+    tasks: tuple[str, ...]
+    image_size: int = 32
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    output_dim: int = 128
+    n_train: int = 2000
+    n_test: int = 500
+    pretext_images_per_task: int = 3000
+    pretext_steps: int = 300
+    pretext_lr: float = 2e-3
+    pretext_batch: int = 256
+    pretext_weight_decay: float = 0.05
+    p_word: float = 0.35
+    p_wrong: float = 0.1
+    head_scale: float = 20.0
+    finetune_steps: int = 200
+    finetune_lr: float = 2e-3
+    finetune_batch: int = 64
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def encoder_config(self) -> dict:
+        return {
+            "kind": "vit",
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "width": self.width,
+            "layers": self.layers,
+            "heads": self.heads,
+            "mlp_ratio": 4.0,
+            "output_dim": self.output_dim,
+        }
+
+    def digest(self) -> str:
+        blob = json.dumps({**asdict(self), "format": SUITE_FORMAT}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+MINI8 = Recipe(tasks=("colors", "shapes", "gratings", "textures", "house_numbers", "counting", "mnist", "digits"))
+MICRO = Recipe(
+    tasks=("colors", "gratings", "digits"),
+    width=32,
+    layers=2,
+    heads=2,
+    output_dim=32,
+    n_train=256,
+    n_test=96,
+    pretext_images_per_task=256,
+    pretext_steps=30,
+    pretext_batch=128,
+    finetune_steps=20,
+    finetune_batch=32,
+)
+RECIPES: dict[str, Recipe] = {"mini8": MINI8, "micro": MICRO}
+
+
+def list_suites() -> list[str]:
+    return list(RECIPES)
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown built-in suite {name!r}; available: {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+# ------------------------------------------------------------------------------------- build steps
+def _generate(recipe: Recipe, seed: int) -> tuple[dict[str, TaskData], torch.Tensor, torch.Tensor, list[str]]:
+    """Task data (train/test) and the pretext images with their caption targets over the vocabulary."""
+    vocab: list[str] = list(recipe.tasks)
+    for t in recipe.tasks:
+        vocab += [c for c in TASK_SPECS[t].classnames if c not in vocab]
+    word = {w: i for i, w in enumerate(vocab)}
+    data: dict[str, TaskData] = {}
+    pre_images, pre_targets = [], []
+    caption_rng = np.random.default_rng([seed, 7])
+    for i, t in enumerate(recipe.tasks):
+        spec = TASK_SPECS[t]
+        rng = np.random.default_rng([seed, 1000 + i])
+        xtr, ytr = spec.make(rng, recipe.n_train)
+        xte, yte = spec.make(rng, recipe.n_test)
+        data[t] = TaskData(t, list(spec.classnames), torch.from_numpy(xte), torch.from_numpy(yte), torch.from_numpy(xtr), torch.from_numpy(ytr))
+        xp, yp = spec.make(np.random.default_rng([seed, 5000 + i]), recipe.pretext_images_per_task)
+        target = np.zeros((len(xp), len(vocab)), np.float32)
+        target[:, word[t]] = 1
+        said = caption_rng.random(len(xp)) < recipe.p_word
+        target[said, [word[spec.classnames[y]] for y in yp[said]]] = 1
+        wrong = caption_rng.random(len(xp)) < recipe.p_wrong
+        target[wrong, [word[spec.classnames[c]] for c in caption_rng.integers(0, len(spec.classnames), wrong.sum())]] = 1
+        pre_images.append(torch.from_numpy(xp))
+        pre_targets.append(torch.from_numpy(target / target.sum(1, keepdims=True)))
+    return data, torch.cat(pre_images), torch.cat(pre_targets), vocab
+
+
+def _pretrain(recipe: Recipe, images: torch.Tensor, targets: torch.Tensor, prep, seed: int, progress: ProgressFn | None):
+    """Bag-of-words caption pretext: softmax over the vocabulary of scaled cosine logits."""
+    torch.manual_seed(seed)
+    encoder = build_encoder(recipe.encoder_config())
+    words = nn.Parameter(torch.randn(targets.shape[1], recipe.output_dim) * 0.02)
+    log_scale = nn.Parameter(torch.tensor(2.3))
+    opt = torch.optim.AdamW([*encoder.parameters(), words, log_scale], lr=recipe.pretext_lr, weight_decay=recipe.pretext_weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.pretext_lr, total_steps=recipe.pretext_steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    encoder.train()
+    for _ in track(range(recipe.pretext_steps), desc="pretraining", progress=progress):
+        idx = torch.randint(0, len(images), (recipe.pretext_batch,), generator=gen)
+        logits = log_scale.exp() * F.normalize(encoder(prep(images[idx])), dim=-1) @ F.normalize(words, dim=-1).T
+        loss = -(targets[idx] * logits.log_softmax(-1)).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    encoder.eval()
+    return encoder, words.detach()
+
+
+def _finetune(recipe: Recipe, encoder: nn.Module, pretrained: dict, head: torch.Tensor, task: TaskData, seed: int, progress: ProgressFn | None) -> dict:
+    """Whole encoder, head frozen (task-vectors protocol), AdamW + cosine schedule."""
+    encoder.load_state_dict(pretrained)
+    encoder.train()
+    opt = torch.optim.AdamW(encoder.parameters(), lr=recipe.finetune_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.finetune_steps)
+    gen = torch.Generator().manual_seed(seed)
+    images, labels = task.split("train")
+    for _ in track(range(recipe.finetune_steps), desc=f"fine-tuning {task.name}", progress=progress):
+        idx = torch.randint(0, len(images), (recipe.finetune_batch,), generator=gen)
+        logits = F.normalize(encoder(task.preprocess(images[idx])), dim=-1) @ head.T
+        loss = F.cross_entropy(logits, labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    encoder.eval()
+    return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+
+
+def build(name: str, seed: int = 0, progress: ProgressFn | None = None, recipe: Recipe | None = None) -> Suite:
+    """Build a built-in suite from scratch (no cache): data, pretraining, heads, fine-tuning."""
+    recipe = recipe or get_recipe(name)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.perf_counter()
+    if progress:
+        progress(0.0, "generating images")
+    data, pre_images, pre_targets, vocab = _generate(recipe, seed)
+    prep = next(iter(data.values())).preprocess
+    t_data = time.perf_counter()
+    encoder, words = _pretrain(recipe, pre_images, pre_targets, prep, seed, scaled(progress, 0.05, 0.45))
+    pretrained = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    t_pre = time.perf_counter()
+    heads = {}
+    for t in recipe.tasks:
+        rows = F.normalize(words[[vocab.index(c) for c in data[t].classnames]], dim=-1)
+        heads[t] = {"weight": rows * recipe.head_scale, "bias": torch.zeros(len(rows))}
+    finetuned = {}
+    for i, t in enumerate(recipe.tasks):
+        sub = scaled(progress, 0.45 + 0.55 * i / len(recipe.tasks), 0.45 + 0.55 * (i + 1) / len(recipe.tasks))
+        finetuned[t] = _finetune(recipe, encoder, pretrained, heads[t]["weight"], data[t], seed + 1 + i, sub)
+    t_ft = time.perf_counter()
+    info = {
+        "recipe": asdict(recipe),
+        "seed": seed,
+        "vocab": vocab,
+        "build_seconds": {"data": t_data - t0, "pretrain": t_pre - t_data, "finetune": t_ft - t_pre, "total": t_ft - t0},
+        "mirrors": {t: TASK_SPECS[t].mirrors for t in recipe.tasks},
+    }
+    return Suite(name, recipe.encoder_config(), pretrained, finetuned, heads, data, info)
+
+
+# ------------------------------------------------------------------------------------- cache
+def suite_dir(name: str, seed: int, cache_dir: str | Path, recipe: Recipe | None = None) -> Path:
+    recipe = recipe or get_recipe(name)
+    return Path(cache_dir) / "suites" / f"{name}-seed{seed}-{recipe.digest()}"
+
+
+def save(suite: Suite, folder: str | Path) -> None:
+    """Weights and data as safetensors, then the manifest last: its presence marks a complete suite."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    weights = {f"pretrained/{k}": v for k, v in suite.pretrained.items()}
+    for t in suite.tasks:
+        weights.update({f"finetuned/{t}/{k}": v for k, v in suite.finetuned[t].items()})
+        weights.update({f"heads/{t}/{k}": v for k, v in suite.heads[t].items()})
+    data = {}
+    for t, d in suite.data.items():
+        data.update({f"{t}/test_images": d.test_images, f"{t}/test_labels": d.test_labels})
+        if d.train_images is not None:
+            data.update({f"{t}/train_images": d.train_images, f"{t}/train_labels": d.train_labels})
+    for fname, tensors in (("weights.safetensors", weights), ("data.safetensors", data)):
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        atomic_write(folder / fname, lambda tmp, t=tensors: save_file(t, tmp))
+    manifest = {
+        "format": SUITE_FORMAT,
+        "name": suite.name,
+        "tasks": suite.tasks,
+        "classnames": {t: suite.data[t].classnames for t in suite.tasks},
+        "encoder_config": suite.encoder_config,
+        "info": suite.info,
+    }
+    save_json(manifest, folder / "manifest.json")
+
+
+def load(folder: str | Path) -> Suite:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{folder}: no manifest.json (the suite was never completely built)")
+    manifest = load_json(manifest_path)
+    if manifest.get("format") != SUITE_FORMAT:
+        raise CheckpointError(f"{manifest_path}: suite format {manifest.get('format')} but this code reads {SUITE_FORMAT}; rebuild it")
+    try:
+        weights = load_file(str(folder / "weights.safetensors"))
+        data = load_file(str(folder / "data.safetensors"))
+    except Exception as e:
+        raise CheckpointError(f"{folder}: suite files are unreadable ({e}); delete the folder to rebuild") from None
+
+    def group(prefix: str) -> dict:
+        return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+
+    tasks = manifest["tasks"]
+    task_data = {
+        t: TaskData(
+            t,
+            manifest["classnames"][t],
+            data[f"{t}/test_images"],
+            data[f"{t}/test_labels"],
+            data.get(f"{t}/train_images"),
+            data.get(f"{t}/train_labels"),
+        )
+        for t in tasks
+    }
+    return Suite(
+        manifest["name"],
+        manifest["encoder_config"],
+        group("pretrained/"),
+        {t: group(f"finetuned/{t}/") for t in tasks},
+        {t: group(f"heads/{t}/") for t in tasks},
+        task_data,
+        manifest["info"],
+    )
+
+
+def load_or_build(name: str, seed: int = 0, cache_dir: str | Path = "cache", progress: ProgressFn | None = None) -> Suite:
+    """Load the cached suite, or build and cache it (first use only)."""
+    folder = suite_dir(name, seed, cache_dir)
+    if (folder / "manifest.json").is_file():
+        return load(folder)
+    suite = build(name, seed, progress)
+    save(suite, folder)
+    return suite
