@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -107,7 +108,7 @@ class Suite:
     def task_vectors(self, tasks: list[str] | None = None) -> list[StateDict]:
         return task_vectors(self.pretrained, [self.finetuned[t] for t in self.check_tasks(tasks)])
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """Content hash of the weights' shapes and a checksum of each, plus the data sizes; cheap and stable."""
         h = hashlib.sha256(json.dumps({"name": self.name, "encoder": self.encoder_config}, sort_keys=True, default=str).encode())
