@@ -93,6 +93,13 @@ def build_model(config: RunConfig, suite: Suite, device: str | None = None) -> t
     return method.build(target, params), method, params, preset
 
 
+def cached_result(config: RunConfig, suite: Suite, cache_dir: str | Path = "cache", device: str | None = None) -> dict | None:
+    """The finished result of ``config`` if the cache has it, else None (computes nothing)."""
+    method, params, _ = config.resolve(device or default_device())
+    path = run_dir(cache_dir, run_key(config, suite, method, params)) / "result.json"
+    return load_json(path) if path.is_file() else None
+
+
 def run(
     config: RunConfig,
     suite: Suite | None = None,

@@ -58,6 +58,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", default=None, help="write the table to this CSV file")
     add_common(p)
     p.set_defaults(func=cmd_table)
+    register_jobs(sub)
+
+
+def register_jobs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("job", help="(internal) the background worker: run one queued job by id")
+    p.add_argument("job_id")
+    p.add_argument("--cache-dir", default="cache")
+    p.set_defaults(func=lambda a: __import__("merging.jobs", fromlist=["work"]).work(a.job_id, a.cache_dir))
+    p = sub.add_parser("jobs", help="list background jobs and their status")
+    p.add_argument("--cache-dir", default="cache")
+    p.add_argument("--cancel", default=None, metavar="JOB_ID", help="cancel a running job")
+    p.set_defaults(func=cmd_jobs)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from merging import jobs
+
+    if args.cancel:
+        jobs.cancel(args.cache_dir, args.cancel)
+    for j in jobs.list_jobs(args.cache_dir):
+        print(f"{j['id']:<28} {j['state']:<10} {100 * j.get('progress', 0):5.1f}%  {j.get('message', '')}")
+    return 0
 
 
 def cmd_list_methods(args: argparse.Namespace) -> int:

@@ -1,0 +1,267 @@
+"""Features of any ``MultiTaskModel`` on a task's test images, row-aligned with samples, labels and predictions.
+
+Representation bias is a distance between two models' features of the *same* inputs (algorithms.md §2),
+so every row carries its test-set index, label and the model's prediction, and two models' features of
+one sample set line up row by row. Only ``encode``, ``logits`` and ``block_features`` are called, so
+every method in the registry (and any added later) works unchanged. Features are cached by
+(run key, task, sample set, layer) as safetensors; a second request is a file read.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+
+from merging.device import default_device
+from merging.errors import ConfigError, DataError
+from merging.io import load_state_dict, save_state_dict
+from merging.model import MultiTaskModel
+from merging.progress import ProgressFn, scaled, track
+from merging.suites.base import Suite, TaskData
+
+FEATURES_VERSION = "1"
+FINAL = "final"
+ModelSource = MultiTaskModel | Callable[[], MultiTaskModel]
+
+
+@dataclass
+class Features:
+    """One model's features of one task's sample set; row i is test image ``indices[i]``.
+
+    ``embedding`` is the unnormalized ``encode`` output; ``blocks[l]`` the token-mean of block l's output.
+    ``key`` names the cached set (``run_key/task/sample_set``), or is empty for uncached features.
+    """
+
+    task: str
+    classnames: list[str]
+    indices: torch.Tensor
+    labels: torch.Tensor
+    predictions: torch.Tensor
+    embedding: torch.Tensor
+    blocks: list[torch.Tensor] | None = None
+    key: str = ""
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.predictions == self.labels
+
+    @property
+    def accuracy(self) -> float:
+        return 100.0 * float(self.correct.float().mean())
+
+    @property
+    def layers(self) -> list[str]:
+        return [FINAL] + [f"block{i}" for i in range(len(self.blocks or []))]
+
+    def layer(self, layer: str | int = FINAL) -> torch.Tensor:
+        """The feature matrix of ``layer``: ``"final"``, a block index, or ``"block<i>"``."""
+        name = layer_name(layer)
+        if name == FINAL:
+            return self.embedding
+        if not self.blocks:
+            raise ConfigError(f"no per-block features for {self.key or self.task!r}; extract them with layers=True")
+        i = int(name[len("block") :])
+        if not 0 <= i < len(self.blocks):
+            raise ConfigError(f"layer {layer!r} out of range; this model has blocks 0..{len(self.blocks) - 1}")
+        return self.blocks[i]
+
+    def layer_key(self, layer: str | int = FINAL) -> str:
+        return f"{self.key}/{layer_name(layer)}" if self.key else ""
+
+    def frame(self, model: str) -> pd.DataFrame:
+        """The row metadata: model, sample, label, classname, prediction, predicted_classname, correct."""
+        labels = self.labels.tolist()
+        preds = self.predictions.tolist()
+        return pd.DataFrame(
+            {
+                "model": model,
+                "task": self.task,
+                "sample": self.indices.tolist(),
+                "label": labels,
+                "classname": [self.classnames[i] for i in labels],
+                "prediction": preds,
+                "predicted_classname": [self.classnames[i] for i in preds],
+                "correct": self.correct.tolist(),
+            }
+        )
+
+
+def layer_name(layer: str | int) -> str:
+    if isinstance(layer, int) or (isinstance(layer, str) and layer.isdigit()):
+        return f"block{int(layer)}"
+    if layer == FINAL or (isinstance(layer, str) and layer.startswith("block") and layer[5:].isdigit()):
+        return layer
+    raise ConfigError(f"unknown layer {layer!r}; use 'final', a block index, or 'block<i>'")
+
+
+def sample_indices(labels: torch.Tensor, n: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Up to ``n`` test indices, stratified by class (class counts differ by at most one where the data allows), sorted.
+
+    Deterministic by ``seed``; ``n=None`` or ``n >= len(labels)`` gives every index.
+    """
+    total = len(labels)
+    if n is None or n >= total:
+        return torch.arange(total)
+    if n <= 0:
+        raise ConfigError(f"sample size must be positive, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    pools = [idx[torch.randperm(len(idx), generator=g)] for c in labels.unique().tolist() if len(idx := (labels == c).nonzero().flatten())]
+    quota = [0] * len(pools)
+    left = n
+    while left:  # water-filling: each round gives every class that still has images an equal share
+        open_ = [i for i, p in enumerate(pools) if quota[i] < len(p)]
+        share = max(1, left // len(open_))
+        for i in open_:
+            take = min(share, len(pools[i]) - quota[i], left)
+            quota[i] += take
+            left -= take
+            if not left:
+                break
+    return torch.cat([p[:q] for p, q in zip(pools, quota, strict=True)]).sort().values
+
+
+def sample_set_id(indices: torch.Tensor) -> str:
+    digest = hashlib.sha256(indices.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:10]
+    return f"n{len(indices)}-{digest}"
+
+
+def features_dir(cache_dir: str | Path, run_key: str, task: str, indices: torch.Tensor) -> Path:
+    return Path(cache_dir) / "features" / f"v{FEATURES_VERSION}" / run_key / task / sample_set_id(indices)
+
+
+def _logits(model: MultiTaskModel, images: torch.Tensor, z: torch.Tensor, task: str) -> torch.Tensor:
+    """The head on the already-encoded ``z`` unless the model overrides ``logits`` (then call it)."""
+    if type(model).logits is MultiTaskModel.logits:
+        return model.heads[task](z)
+    return model.logits(images, task)
+
+
+def _batches(data: TaskData, indices: torch.Tensor, batch_size: int, desc: str, progress: ProgressFn | None):
+    total = math.ceil(len(indices) / batch_size)
+    return track(data.batches("test", batch_size, indices), total=total, desc=desc, progress=progress)
+
+
+@torch.no_grad()
+def extract(
+    model: MultiTaskModel,
+    data: TaskData,
+    task: str,
+    indices: torch.Tensor | None = None,
+    layers: bool = False,
+    final: bool = True,
+    batch_size: int = 256,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+) -> Features:
+    """Uncached extraction, batched on ``device`` in fp32 (bias metrics compare small differences)."""
+    device = device or default_device()
+    model.eval().to(device)
+    indices = torch.arange(len(data.test_labels)) if indices is None else indices.to(torch.int64)
+    emb, preds, blocks = [], [], []
+    if final:
+        for images, _ in _batches(data, indices, batch_size, f"features {task}", scaled(progress, 0.0, 0.5 if layers else 1.0)):
+            x = images.to(device)
+            z = model.encode(x, task)
+            emb.append(z.float().cpu())
+            preds.append(_logits(model, x, z, task).argmax(-1).cpu())
+    if layers:
+        for images, _ in _batches(data, indices, batch_size, f"block features {task}", scaled(progress, 0.5 if final else 0.0, 1.0)):
+            blocks.append([b.float().cpu() for b in model.block_features(images.to(device), task)])
+    empty = torch.empty(0)
+    return Features(
+        task=task,
+        classnames=list(data.classnames),
+        indices=indices,
+        labels=data.test_labels[indices],
+        predictions=torch.cat(preds) if preds else empty.long(),
+        embedding=torch.cat(emb) if emb else empty,
+        blocks=[torch.cat(ls) for ls in zip(*blocks, strict=True)] if blocks else None,
+    )
+
+
+def cached_features(
+    model: ModelSource,
+    run_key: str,
+    suite: Suite,
+    task: str,
+    indices: torch.Tensor | None = None,
+    layers: bool = False,
+    cache_dir: str | Path = "cache",
+    batch_size: int = 256,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+) -> Features:
+    """Features of ``model`` (or of a zero-argument loader, called only on a cache miss), cached on disk."""
+    suite.check_tasks([task])
+    data = suite.data[task]
+    indices = torch.arange(len(data.test_labels)) if indices is None else indices.to(torch.int64)
+    folder = features_dir(cache_dir, run_key, task, indices)
+    final_path, blocks_path = folder / f"{FINAL}.safetensors", folder / "blocks.safetensors"
+    need_final, need_blocks = not final_path.is_file(), layers and not blocks_path.is_file()
+    if need_final or need_blocks:
+        net = model if isinstance(model, MultiTaskModel) else model()
+        fresh = extract(net, data, task, indices, layers=need_blocks, final=need_final, batch_size=batch_size, device=device, progress=progress)
+        meta = {"version": FEATURES_VERSION, "run_key": run_key, "task": task}
+        if need_final:
+            tensors = {"indices": fresh.indices, "labels": fresh.labels, "predictions": fresh.predictions, "embedding": fresh.embedding}
+            save_state_dict(tensors, final_path, metadata=meta)
+        if need_blocks:
+            save_state_dict({f"block.{i}": b for i, b in enumerate(fresh.blocks or [])}, blocks_path, metadata=meta)
+    saved = load_state_dict(final_path, check_finite=False)
+    if not torch.equal(saved["indices"], indices):
+        raise DataError(f"{final_path}: cached sample indices do not match the request; delete the folder to recompute")
+    blocks = None
+    if layers:
+        with safe_open(str(blocks_path), framework="pt") as f:
+            blocks = [f.get_tensor(f"block.{i}") for i in range(len(list(f.keys())))]
+    return Features(
+        task=task,
+        classnames=list(data.classnames),
+        indices=indices,
+        labels=saved["labels"],
+        predictions=saved["predictions"],
+        embedding=saved["embedding"],
+        blocks=blocks,
+        key=f"{run_key}/{task}/{sample_set_id(indices)}",
+    )
+
+
+def run_features(
+    result: dict,
+    suite: Suite,
+    tasks: Sequence[str] | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    layers: bool = False,
+    cache_dir: str | Path = "cache",
+    batch_size: int = 256,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, Features]:
+    """Features of a finished run (``merging.runs.run``'s result) on each task's stratified sample of ``n`` test images.
+
+    The run's model is rebuilt at most once, and only if some task's features are not cached yet.
+    """
+    from merging.runs import load_model
+
+    tasks = list(tasks) if tasks is not None else list(result["tasks"])
+    unknown = [t for t in tasks if t not in result["tasks"]]
+    if unknown:
+        raise ConfigError(f"run {result['key']} has no task(s) {unknown}; it covers: {', '.join(result['tasks'])}")
+    loader = functools.cache(lambda: load_model(result, suite, cache_dir))
+    out = {}
+    for i, task in enumerate(tasks):
+        indices = sample_indices(suite.data[task].test_labels, n, seed)
+        out[task] = cached_features(
+            loader, result["key"], suite, task, indices, layers, cache_dir, batch_size, device,
+            scaled(progress, i / len(tasks), (i + 1) / len(tasks), f"{task}: "),
+        )  # fmt: skip
+    return out
