@@ -1,0 +1,14 @@
+"""MergeLens: the Streamlit entry point. ``st.navigation`` lists the pages explicitly (STYLE.md, Streamlit)."""
+
+import streamlit as st
+
+
+def main() -> None:
+    st.set_page_config(page_title="MergeLens", page_icon="🔬", layout="wide")
+    pages = [
+        st.Page("pages/home.py", title="Overview", icon="🏠", default=True),
+    ]
+    st.navigation(pages).run()
+
+
+main()

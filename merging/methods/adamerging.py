@@ -1,0 +1,134 @@
+"""AdaMerging (Yang et al., ICLR 2024): learn the merging coefficients by test-time entropy minimisation.
+
+theta(Lambda) = theta_0 + sum_k Lambda[p, k] tau_k with one lambda per task (task-wise) or per
+state-dict tensor per task (layer-wise), init 0.3, clamped to [0, 1]; trained without labels by
+minimising each task head's prediction entropy on shuffled test batches (algorithms.md §1).
+``vectors="ties"`` is AdaMerging++: the same on the per-task TIES vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from merging import task_vectors as tv
+from merging.adaptation import entropy, optimize, unlabeled_batches
+from merging.errors import ConfigError
+from merging.functional import MergedEncoder
+from merging.methods.base import MergeMethod, RunContext
+from merging.model import MultiTaskModel
+from merging.suites.base import Suite
+
+
+@dataclass(frozen=True)
+class AdaMergingParams:
+    granularity: str = "layer"
+    """``layer``: one lambda per state-dict tensor per task; ``task``: one per task."""
+    vectors: str = "task_arithmetic"
+    """``task_arithmetic`` (AdaMerging) or ``ties`` (AdaMerging++: trimmed, sign-filtered task vectors)."""
+    density: float = 0.2
+    """TIES trim density for ``vectors="ties"`` (``reset_thresh=20``)."""
+    init: float = 0.3
+    """Initial lambda ("prior 0.3")."""
+    lr: float = 1e-3
+    """Adam learning rate, betas (0.9, 0.999), no weight decay."""
+    steps: int = 500
+    """Iterations; each is one Adam step on the loss summed over all tasks."""
+    batch_size: int = 16
+    batches_per_task: int = 2
+    """Shuffled unlabeled test batches each task adds to one iteration's loss."""
+
+    def validate(self) -> None:
+        if self.granularity not in ("task", "layer"):
+            raise ConfigError(f"hyperparameter 'granularity' must be 'task' or 'layer', got {self.granularity!r}")
+        if self.vectors not in ("task_arithmetic", "ties"):
+            raise ConfigError(f"hyperparameter 'vectors' must be 'task_arithmetic' or 'ties', got {self.vectors!r}")
+        if not 0.0 <= self.density <= 1.0:
+            raise ConfigError(f"hyperparameter 'density' must be in [0, 1], got {self.density}")
+        for key in ("steps", "batch_size", "batches_per_task"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"hyperparameter {key!r} must be >= 1, got {getattr(self, key)}")
+
+
+class AdaMergingModel(MultiTaskModel):
+    """One merged encoder for every task; its coefficients are the only trainable parameter."""
+
+    def __init__(self, encoder: MergedEncoder, tasks: Sequence[str], heads: nn.ModuleDict):
+        super().__init__(tasks, heads)
+        self.encoder = encoder
+
+    def encode(self, images: torch.Tensor, task: str) -> torch.Tensor:
+        self.check_task(task)
+        return self.encoder(images)
+
+    def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
+        self.check_task(task)
+        return self.encoder.block_features(images)
+
+
+def merge_vectors(suite: Suite, params: AdaMergingParams) -> list[dict[str, torch.Tensor]]:
+    """The task vectors the coefficients weight: plain tau_k, or TIES's per-task vectors (algorithms.md §1, step 5)."""
+    if params.vectors == "ties":
+        return tv.ties_vectors(suite.pretrained, [suite.finetuned[t] for t in suite.tasks], params.density)
+    return suite.task_vectors()
+
+
+def entropy_loss(model: AdaMergingModel, batches: Mapping[str, Sequence[torch.Tensor]]) -> torch.Tensor:
+    """sum over tasks and batches of the mean prediction entropy, from one merged forward over all images.
+
+    The merged weights are built once and every batch goes through the encoder together; samples do
+    not interact in a ViT, so this equals a forward per batch.
+    """
+    flat = [b for task in batches for b in batches[task]]
+    features = model.encoder(torch.cat(flat)).split([len(b) for b in flat])
+    loss = features[0].new_zeros(())
+    i = 0
+    for task, group in batches.items():
+        for _ in group:
+            loss = loss + entropy(model.heads[task](features[i]))
+            i += 1
+    return loss
+
+
+class AdaMerging(MergeMethod):
+    name = "adamerging"
+    title = "AdaMerging"
+    paper_url = "https://arxiv.org/abs/2310.02575"
+    Params = AdaMergingParams
+    presets = {
+        "paper": {"steps": 500, "lr": 1e-3, "batch_size": 16, "batches_per_task": 2},
+        # CPU-sized: far fewer steps, so a larger lr lets lambda move as far as it would in ~500 paper steps.
+        "fast": {"steps": 40, "lr": 1e-2, "batch_size": 16, "batches_per_task": 2},
+    }
+
+    def build(self, suite: Suite, params: AdaMergingParams) -> AdaMergingModel:
+        encoder = MergedEncoder(suite.build_encoder(), suite.pretrained, merge_vectors(suite, params), params.granularity, params.init)
+        return AdaMergingModel(encoder, suite.tasks, suite.make_heads())
+
+    def adapt(self, model: AdaMergingModel, suite: Suite, params: AdaMergingParams, ctx: RunContext) -> dict:
+        generator = torch.Generator().manual_seed(ctx.seed)
+        streams = {t: unlabeled_batches(suite, t, params.batch_size, generator, ctx.device) for t in model.tasks}
+        optimizer = torch.optim.Adam([model.encoder.coefficients], lr=params.lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+        def step(_: int) -> float:
+            batches = {t: [next(streams[t]) for _ in range(params.batches_per_task)] for t in model.tasks}
+            loss = entropy_loss(model, batches)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return float(loss)
+
+        curve = optimize(params.steps, step, ctx.progress, desc="AdaMerging", log_every=max(1, params.steps // 100))
+        encoder = model.encoder
+        return {
+            "granularity": params.granularity,
+            "vectors": params.vectors,
+            "tasks": list(model.tasks),
+            "tensor_names": list(encoder.keys) if params.granularity == "layer" else ["all"],
+            "coefficients": encoder.lambdas().detach().cpu().tolist(),
+            "entropy": curve,
+            "entropy_every": max(1, params.steps // 100),
+        }

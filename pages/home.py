@@ -1,0 +1,54 @@
+"""Overview: build (first visit) or load the suite, and the per-task accuracy of the baselines."""
+
+import streamlit as st
+
+import ui
+from merging.evaluation import accuracy_table, normalized_table
+from merging.methods import BASELINES, get_method
+from merging.runs import RunConfig
+
+settings = ui.sidebar()
+name = settings["suite"]
+st.title("MergeLens")
+st.markdown(
+    "Several models fine-tuned from one pretrained ViT are merged into one multi-task model. Cheap merges lose "
+    "accuracy because the merged model's features drift from each individual model's — **representation bias**. "
+    "MergeLens runs the merges, measures the bias and compares the methods that remove it."
+)
+
+configs = {m: RunConfig(name, m) for m in BASELINES}
+baseline_job = {"kind": "runs", "suite": name, "runs": [{"method": m} for m in BASELINES], "device": settings["device"]}
+
+
+@st.fragment(run_every=ui.POLL_SECONDS)
+def build_progress() -> None:
+    state = ui.job_progress(st.session_state.get(f"job-{name}"), f"Preparing {name}")
+    if state == "done":
+        st.rerun(scope="app")
+
+
+if not ui.suite_is_built(name) or None in ui.cached_results(ui.load_suite(name), configs, settings["device"]).values():
+    st.info(f"First visit: building the **{name}** suite (pretraining a tiny ViT and fine-tuning one copy per task) "
+            "and running the baselines. This happens once; later visits load it from the cache.")
+    st.session_state[f"job-{name}"] = ui.start_job(baseline_job)
+    build_progress()
+    st.stop()
+
+suite = ui.load_suite(name)
+results = ui.cached_results(suite, configs, settings["device"])
+table = accuracy_table({get_method(m).title: r["accuracy"] for m, r in results.items()}, suite.tasks)
+info = suite.info.get("mirrors", {})
+st.subheader(f"Baselines on {name}")
+st.caption(f"{len(suite.tasks)} tasks: " + ", ".join(f"{t} ({info[t]}-like)" if t in info else t for t in suite.tasks))
+cols = st.columns(4)
+for col, m in zip(cols, ["pretrained", "task_arithmetic", "ties", "individual"], strict=True):
+    col.metric(get_method(m).title, f"{results[m]['average']:.1f} %")
+ui.accuracy_bars(table.drop(columns="avg"))
+tab_abs, tab_norm = st.tabs(["Accuracy (%)", "Normalized (% of individual)"])
+with tab_abs:
+    st.dataframe(table.style.format("{:.1f}").background_gradient(cmap="Blues", axis=None), width="stretch")
+    ui.download_csv(table, f"{name}_baselines.csv")
+with tab_norm:
+    norm = normalized_table(table, reference=get_method("individual").title)
+    st.dataframe(norm.style.format("{:.1f}").background_gradient(cmap="Greens", axis=None), width="stretch")
+    ui.download_csv(norm, f"{name}_baselines_normalized.csv")

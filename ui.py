@@ -1,0 +1,97 @@
+"""Shared drawing helpers of the app: the sidebar, cached loaders, job progress. Pages call the library
+through these and draw; no computation happens in a Streamlit thread (long work is a background job)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from merging import jobs
+from merging.device import default_device, default_preset
+from merging.errors import MergeLensError
+from merging.runs import RunConfig, cached_result
+from merging.suites import Suite, get_suite, list_suites
+from merging.suites.mini8 import suite_dir
+
+CACHE_DIR = Path(os.environ.get("MERGELENS_CACHE", Path(__file__).resolve().parent / "cache"))
+POLL_SECONDS = 1.0
+
+
+def sidebar() -> dict:
+    """Suite, device and preset pickers shared by every page, plus the running jobs."""
+    with st.sidebar:
+        suite = st.selectbox("Suite", list_suites(), key="suite", help="mini8: the built-in 8-task suite; micro: 3 tasks, for a quick look")
+        device = default_device()
+        st.caption(f"Device: **{device}**" + ("" if device == "cuda" else " (no GPU found)"))
+        presets = ["fast", "paper"]
+        preset = st.radio("Preset", presets, index=presets.index(default_preset(device)), key="preset", horizontal=True,
+                          help="fast: sized for a CPU; paper: the published hyperparameters")
+        running_jobs_panel()
+    return {"suite": suite, "device": device, "preset": preset}
+
+
+@st.fragment(run_every=2.0)
+def running_jobs_panel() -> None:
+    active = jobs.list_jobs(CACHE_DIR, active_only=True)
+    if active:
+        st.markdown("**Running jobs**")
+        for j in active:
+            st.progress(j.get("progress", 0.0), text=f"{j['id'].split('-')[0]}: {j.get('message', '')}"[:80])
+
+
+def suite_is_built(name: str) -> bool:
+    return (suite_dir(name, 0, CACHE_DIR) / "manifest.json").is_file()
+
+
+@st.cache_resource(show_spinner="Loading suite...")
+def load_suite(name: str) -> Suite:
+    """The suite from the on-disk cache (built by a background job); never mutated by callers."""
+    return get_suite(name, cache_dir=CACHE_DIR)
+
+
+def cached_results(suite: Suite, configs: dict[str, RunConfig], device: str) -> dict[str, dict | None]:
+    return {label: cached_result(c, suite, CACHE_DIR, device) for label, c in configs.items()}
+
+
+def job_progress(jid: str | None, label: str) -> str | None:
+    """Draw a job's progress (a polling fragment does the redraw); returns its state."""
+    if jid is None:
+        return None
+    status = jobs.read_status(CACHE_DIR, jid)
+    if status is None:
+        return None
+    state = status["state"]
+    if state in jobs.ACTIVE:
+        cols = st.columns([5, 1])
+        cols[0].progress(status.get("progress", 0.0), text=f"{label}: {status.get('message', '')}")
+        if cols[1].button("Cancel", key=f"cancel-{jid}"):
+            jobs.cancel(CACHE_DIR, jid)
+            st.rerun()
+    elif state == "error":
+        st.error(f"{label} failed: {status.get('message')}")
+    elif state == "cancelled":
+        st.warning(f"{label} was cancelled.")
+    return state
+
+
+def start_job(spec: dict) -> str | None:
+    try:
+        return jobs.start(spec, CACHE_DIR)
+    except MergeLensError as e:
+        st.error(str(e))
+        return None
+
+
+def accuracy_bars(table: pd.DataFrame, title: str = "Per-task accuracy") -> None:
+    long = table.reset_index(names="method").melt(id_vars="method", var_name="task", value_name="accuracy")
+    fig = px.bar(long, x="task", y="accuracy", color="method", barmode="group", title=title, height=420)
+    fig.update_layout(yaxis_title="accuracy (%)", legend_title=None, margin=dict(t=50, b=10))
+    st.plotly_chart(fig, width="stretch")
+
+
+def download_csv(table: pd.DataFrame, name: str, label: str = "Download CSV") -> None:
+    st.download_button(label, table.to_csv(float_format="%.2f").encode(), file_name=name, mime="text/csv")
