@@ -7,6 +7,7 @@ def main() -> None:
     st.set_page_config(page_title="MergeLens", page_icon="🔬", layout="wide")
     pages = [
         st.Page("pages/home.py", title="Overview", icon="🏠", default=True),
+        st.Page("pages/merge.py", title="Merge", icon="🧪"),
     ]
     st.navigation(pages).run()
 

@@ -86,6 +86,14 @@ def start_job(spec: dict) -> str | None:
         return None
 
 
+def run_label(result: dict) -> str:
+    """A row label: the method's title, its preset, and the hyperparameters changed from it."""
+    extras = [f"{k}={v}" for k, v in result.get("overrides", {}).items()]
+    if result.get("preset"):
+        extras.insert(0, result["preset"])
+    return result["title"] + (f" ({', '.join(extras)})" if extras else "")
+
+
 def accuracy_bars(table: pd.DataFrame, title: str = "Per-task accuracy") -> None:
     long = table.reset_index(names="method").melt(id_vars="method", var_name="task", value_name="accuracy")
     fig = px.bar(long, x="task", y="accuracy", color="method", barmode="group", title=title, height=420)

@@ -131,7 +131,7 @@ def embed(x: np.ndarray, method: str = "umap", dim: int = 2, seed: int = 0, **pa
             perplexity=min(float(p["perplexity"]), (n - 1) / 3.0),
             random_state=seed,
             n_jobs=int(p["n_jobs"]),
-            negative_gradient_method="fft" if dim == 2 else "bh",  # openTSNE's FFT path is 2-D only
+            negative_gradient_method="auto" if dim == 2 else "bh",  # auto: BH below 10k points, FFT above (2-D only)
             verbose=False,
         )
         return np.asarray(tsne.fit(x))

@@ -11,6 +11,9 @@ import hashlib
 import inspect
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +77,24 @@ def run_key(config: RunConfig, suite: Suite, method: MergeMethod, params: Any) -
     return f"{method.name}-{digest}"
 
 
+_CACHE_DIR: ContextVar[Path] = ContextVar("cache_dir", default=Path("cache"))
+
+
+def current_cache_dir() -> Path:
+    """The cache folder of the run being built: a method built on another run's result (Surgery on
+    AdaMerging) runs and loads that base run in the same cache."""
+    return _CACHE_DIR.get()
+
+
+@contextmanager
+def cache_scope(cache_dir: str | Path) -> Iterator[None]:
+    token = _CACHE_DIR.set(Path(cache_dir))
+    try:
+        yield
+    finally:
+        _CACHE_DIR.reset(token)
+
+
 def run_dir(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir) / "runs" / key
 
@@ -118,7 +139,8 @@ def run(
         return load_json(folder / "result.json")
     target = suite.subset(list(config.tasks)) if config.tasks else suite
     torch.manual_seed(config.seed)
-    model = method.build(target, params).to(device)
+    with cache_scope(cache_dir):
+        model = method.build(target, params).to(device)
     t0 = time.perf_counter()
     info: dict = {}
     if method.data_dependent:
@@ -160,7 +182,8 @@ def load_model(result: dict, suite: Suite, cache_dir: str | Path = "cache") -> M
     """Rebuild a finished run's model: the method's deterministic init plus its saved trainable state."""
     method = get_method(result["method"])
     params = make_params(method, result["params"])
-    model = method.build(suite.subset(result["tasks"]), params)
+    with cache_scope(cache_dir):
+        model = method.build(suite.subset(result["tasks"]), params)
     state_path = run_dir(cache_dir, result["key"]) / "state.safetensors"
     if state_path.is_file():
         model.load_trainable_state(load_state_dict(state_path, check_finite=False))

@@ -122,7 +122,7 @@ def ensemble_linear(x: torch.Tensor, r: torch.Tensor, w0: torch.Tensor, b0: torc
     [T, D_in, D_out]; tau_b: [T, D_out]. The task term is one matmul of (r (x) x) [B, N, T*D_in]
     by tau_t viewed as [T*D_in, D_out].
     """
-    scaled = torch.einsum("bt,bnd->bntd", r, x).flatten(2)
+    scaled = (r[:, None, :, None] * x[:, :, None, :]).flatten(2)
     return F.linear(x, w0, b0) + scaled @ tau_t.flatten(0, 1) + (r @ tau_b).unsqueeze(1)
 
 
@@ -242,7 +242,7 @@ class WEMoE(MergeMethod):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            return float(loss)
+            return loss.item()
 
         log_every = 10
         losses = optimize(params.steps, step, ctx.progress, desc="WEMoE routers", log_every=log_every)
