@@ -6,8 +6,8 @@ import streamlit as st
 def main() -> None:
     st.set_page_config(page_title="MergeLens", page_icon="🔬", layout="wide")
     pages = [
-        st.Page("pages/home.py", title="Overview", icon="🏠", default=True),
-        st.Page("pages/merge.py", title="Merge", icon="🧪"),
+        st.Page("pages/home.py", title="Overview", icon=":material/home:", default=True),
+        st.Page("pages/merge.py", title="Merge", icon=":material/merge:"),
     ]
     st.navigation(pages).run()
 

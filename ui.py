@@ -24,7 +24,9 @@ POLL_SECONDS = 1.0
 def sidebar() -> dict:
     """Suite, device and preset pickers shared by every page, plus the running jobs."""
     with st.sidebar:
-        suite = st.selectbox("Suite", list_suites(), key="suite", help="mini8: the built-in 8-task suite; micro: 3 tasks, for a quick look")
+        names = list_suites()
+        default = os.environ.get("MERGELENS_DEFAULT_SUITE", names[0])
+        suite = st.selectbox("Suite", names, index=names.index(default) if default in names else 0, key="suite", help="mini8: the built-in 8-task suite; micro: 3 tasks, for a quick look")
         device = default_device()
         st.caption(f"Device: **{device}**" + ("" if device == "cuda" else " (no GPU found)"))
         presets = ["fast", "paper"]

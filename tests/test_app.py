@@ -1,0 +1,79 @@
+"""Streamlit AppTest of every page on the micro suite: renders, widgets change what is shown, numbers match the library."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from merging.methods import BASELINES  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+from merging.runs import RunConfig, run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def app_cache(micro_suite, micro_cache, monkeypatch_module):
+    """The micro suite and its baselines already in the app's cache, as after a first visit."""
+    for m in BASELINES:
+        run(RunConfig("micro", m), micro_suite, cache_dir=micro_cache, device="cpu")
+    return micro_cache
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module(micro_cache):
+    import ui
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ui, "CACHE_DIR", micro_cache)
+    mp.setenv("MERGELENS_DEFAULT_SUITE", "micro")
+    yield mp
+    mp.undo()
+
+
+def _page(path: str) -> AppTest:
+    at = AppTest.from_file(str(ROOT / path), default_timeout=120)
+    at.session_state["suite"] = "micro"
+    return at
+
+
+def test_overview_shows_the_baseline_table(app_cache, micro_suite):
+    at = _page("pages/home.py").run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    expected = run(RunConfig("micro", "task_arithmetic"), micro_suite, cache_dir=app_cache, device="cpu")
+    row = table.loc["Task Arithmetic"]
+    for t in micro_suite.tasks:
+        assert row[t] == pytest.approx(expected["accuracy"][t])
+    assert row["avg"] == pytest.approx(expected["average"])
+    assert {m.label for m in at.metric} >= {"Pretrained (zero-shot heads)", "Individual (fine-tuned per task)"}
+
+
+def test_app_entrypoint_renders(app_cache):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.session_state["suite"] = "micro"
+    at.run()
+    assert not at.exception
+
+
+def test_merge_page_runs_a_new_setting_in_the_background(app_cache, micro_suite):
+    at = _page("pages/merge.py").run()
+    assert not at.exception
+    n_rows = len(at.dataframe[0].value)
+    scaling = next(w for w in at.number_input if w.label == "scaling")
+    scaling.set_value(0.55).run()
+    assert any("Not computed yet" in m.value for m in at.markdown)
+    at.button(key="merge-run").click().run()
+    for _ in range(90):
+        time.sleep(1)
+        at.run()
+        if at.dataframe and len(at.dataframe[0].value) > n_rows:
+            break
+    table = at.dataframe[0].value
+    label = next(i for i in table.index if "scaling=0.55" in i)
+    expected = run(RunConfig("micro", "task_arithmetic", {"scaling": 0.55}), micro_suite, cache_dir=app_cache, device="cpu")
+    assert table.loc[label, "avg"] == pytest.approx(expected["average"])
