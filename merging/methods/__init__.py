@@ -11,7 +11,9 @@ from merging.methods.individual import Individual
 from merging.methods.pretrained import Pretrained
 from merging.methods.task_arithmetic import TaskArithmetic
 from merging.methods.ties import Ties
+from merging.methods.tinting import Tinting
 from merging.methods.weight_averaging import WeightAveraging
+from merging.methods.wemoe import WEMoE
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m
@@ -21,6 +23,8 @@ METHODS: dict[str, MergeMethod] = {
         WeightAveraging(),
         TaskArithmetic(),
         Ties(),
+        WEMoE(),
+        Tinting(),
     ]
 }
 
