@@ -135,23 +135,41 @@ class StaticModel(MultiTaskModel):
 class PerTaskModel(MultiTaskModel):
     """One encoder state per task run through one module by ``functional_call``: the individual models.
 
-    Holds state dicts, not module copies, so T tasks cost T sets of weights and one module.
+    Holds state dicts, not module copies, so T tasks cost T sets of weights and one module. With
+    ``offload`` (the default) the states stay in CPU memory when the module moves to a GPU and one
+    task's state is copied over at a time (kept until another task is asked for): a ViT-L/14 8-task
+    suite then holds one extra encoder on the GPU, not eight.
     """
 
-    def __init__(self, encoder: nn.Module, states: Mapping[str, Mapping[str, torch.Tensor]], heads: nn.ModuleDict):
+    def __init__(self, encoder: nn.Module, states: Mapping[str, Mapping[str, torch.Tensor]], heads: nn.ModuleDict, offload: bool = True):
         super().__init__(list(states), heads)
         self.encoder = encoder.requires_grad_(False)
         self.states = {t: dict(s) for t, s in states.items()}
+        self.offload = offload
+        self._resident: tuple[str, torch.device, StateDict] | None = None
 
-    def _apply(self, fn, recurse=True):  # keep the per-task states on the module's device
+    def _apply(self, fn, recurse=True):  # keep the per-task states on the module's device (or on the CPU, offloaded)
         super()._apply(fn, recurse)
-        self.states = {t: {k: fn(v) for k, v in s.items()} for t, s in self.states.items()}
+        self._resident = None
+        on_cpu = all(p.device.type == "cpu" for p in self.encoder.parameters())
+        if not (self.offload and not on_cpu):
+            self.states = {t: {k: fn(v) for k, v in s.items()} for t, s in self.states.items()}
         return self
+
+    def state_for(self, task: str, device: torch.device) -> StateDict:
+        """Task ``task``'s encoder state on ``device`` (copied from the CPU when offloaded)."""
+        state = self.states[task]
+        if next(iter(state.values())).device == device:
+            return state
+        if self._resident is None or self._resident[:2] != (task, device):
+            self._resident = None
+            self._resident = (task, device, {k: v.to(device, non_blocking=True) for k, v in state.items()})
+        return self._resident[2]
 
     def encode(self, images: torch.Tensor, task: str) -> torch.Tensor:
         self.check_task(task)
-        return functional_call(self.encoder, self.states[task], (images,))
+        return functional_call(self.encoder, self.state_for(task, images.device), (images,))
 
     def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
         self.check_task(task)
-        return encoder_block_features(self.encoder, images, self.states[task])
+        return encoder_block_features(self.encoder, images, self.state_for(task, images.device))

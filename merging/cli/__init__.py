@@ -15,6 +15,7 @@ from merging.errors import MergeLensError
 
 COMMAND_MODULES = [
     "merging.cli.core",
+    "merging.cli.clip",
     "merging.cli.representations",
 ]
 
