@@ -6,9 +6,11 @@ A new method is one new file under ``merging/methods/`` plus one line here.
 from __future__ import annotations
 
 from merging.errors import ConfigError
+from merging.methods.adamerging import AdaMerging
 from merging.methods.base import MergeMethod, RunContext, StaticMergeMethod, make_params, params_dict
 from merging.methods.individual import Individual
 from merging.methods.pretrained import Pretrained
+from merging.methods.surgery import Surgery
 from merging.methods.task_arithmetic import TaskArithmetic
 from merging.methods.ties import Ties
 from merging.methods.tinting import Tinting
@@ -23,6 +25,8 @@ METHODS: dict[str, MergeMethod] = {
         WeightAveraging(),
         TaskArithmetic(),
         Ties(),
+        AdaMerging(),
+        Surgery(),
         WEMoE(),
         Tinting(),
     ]

@@ -1,0 +1,293 @@
+"""Representation Surgery (Yang et al., ICML 2024) and SurgeryV2 (arXiv 2410.14389), on top of any merge.
+
+A merged model's features drift from each individual model's (the representation bias). Surgery adds
+one small module per task, z~ = z - U ReLU(D z), on the base merge's final unnormalized feature and
+trains it without labels so that z~ approaches the individual model's feature of the same image (L1).
+SurgeryV2 adds such a module after every transformer block as well, on the residual stream
+(algorithms.md §2). The base merge stays frozen; only the modules train.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from merging import feature_cache
+from merging.adaptation import optimize, unlabeled_indices
+from merging.errors import ConfigError
+from merging.functional import MergedEncoder
+from merging.methods.base import MergeMethod, RunContext
+from merging.model import MultiTaskModel, PerTaskModel, StaticModel, blocks_of
+from merging.suites.base import Suite
+
+Schedule = list[list[tuple[str, torch.Tensor]]]
+"""Per iteration, the (task, test-image indices) of each Adam step, in order."""
+
+
+@dataclass(frozen=True)
+class SurgeryParams:
+    base: str = "task_arithmetic"
+    """The registered method whose merge Surgery corrects (static, or data-dependent such as adamerging)."""
+    base_params: str = ""
+    """The base's hyperparameters, ``key=value`` pairs separated by ``;`` (e.g. ``scaling=0.3;density=0.2``)."""
+    base_preset: str = "paper"
+    """Preset of a data-dependent base, whose run is cached and reused."""
+    version: int = 1
+    """1: one module on the final feature; 2 (SurgeryV2): also one after every transformer block."""
+    rank: int = 16
+    """r, the inner width of D (r x d) and U (d x r)."""
+    lr: float = 1e-3
+    """Adam learning rate, betas (0.9, 0.999), no weight decay."""
+    iterations: int = 500
+    steps_per_task: int = 2
+    """Per iteration, each task in order takes this many batches, one Adam step each."""
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        from merging.methods import get_method, make_params
+
+        if self.base == "surgery":
+            raise ConfigError("hyperparameter 'base' must be a merge, not 'surgery' itself")
+        make_params(get_method(self.base), parse_base_params(self.base_params))
+        if self.version not in (1, 2):
+            raise ConfigError(f"hyperparameter 'version' must be 1 or 2, got {self.version}")
+        for key in ("rank", "iterations", "steps_per_task", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"hyperparameter {key!r} must be >= 1, got {getattr(self, key)}")
+
+
+def parse_base_params(text: str) -> dict[str, str]:
+    """``"scaling=0.3;density=0.2"`` -> ``{"scaling": "0.3", "density": "0.2"}``."""
+    out: dict[str, str] = {}
+    for item in (s.strip() for s in text.split(";")):
+        if not item:
+            continue
+        if "=" not in item:
+            raise ConfigError(f"hyperparameter 'base_params': expected key=value pairs separated by ';', got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+class SurgeryModule(nn.Module):
+    """x - U ReLU(D x) on the last dimension, no biases; U = 0 so it starts as the identity."""
+
+    def __init__(self, dim: int, rank: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, dim, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.up(F.relu(self.down(x)))
+
+
+def surgery_vit(base: MultiTaskModel) -> nn.Module:
+    """The open_clip ViT a base model runs, whose blocks SurgeryV2 hooks: static weights or a MergedEncoder."""
+    from open_clip.transformer import VisionTransformer
+
+    encoder = getattr(base, "encoder", None)
+    if isinstance(base, StaticModel | PerTaskModel) and isinstance(encoder, VisionTransformer):
+        return encoder
+    if isinstance(encoder, MergedEncoder) and isinstance(encoder.encoder, VisionTransformer):
+        return encoder.encoder
+    raise ConfigError(
+        f"SurgeryV2 needs a base whose encoder is an open_clip VisionTransformer with static weights or a MergedEncoder "
+        f"(e.g. weight_averaging, task_arithmetic, ties, adamerging); this base is a {type(base).__name__}. Use version=1."
+    )
+
+
+class SurgeryModel(MultiTaskModel):
+    """A frozen base merge plus per-task Surgery modules (the only trainable parameters)."""
+
+    def __init__(self, base: MultiTaskModel, dim: int, rank: int, width: int = 0, layers: int = 0, seed: int = 0):
+        super().__init__(base.tasks, base.heads)
+        self.base = base.requires_grad_(False).eval()
+        generator = torch.Generator().manual_seed(seed)
+        self.final = nn.ModuleDict({t: SurgeryModule(dim, rank, generator) for t in base.tasks})
+        self.blocks = nn.ModuleDict({t: nn.ModuleList(SurgeryModule(width, rank, generator) for _ in range(layers)) for t in base.tasks}) if layers else None
+        self._token_dim = 1
+        if layers:
+            vit = surgery_vit(base)
+            self._token_dim = 1 if getattr(vit.transformer, "batch_first", True) else 0
+
+    def train(self, mode: bool = True) -> SurgeryModel:
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    @contextmanager
+    def block_surgery(self, task: str, record: list[torch.Tensor] | None = None) -> Iterator[None]:
+        """While open, each base block's output X becomes X - U ReLU(D X) (V2); ``record`` gets its token-means."""
+        if self.blocks is None:
+            yield
+            return
+
+        def hook(module: SurgeryModule):
+            def replace(_m: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+                out = module(out)
+                if record is not None:
+                    record.append(out.mean(dim=self._token_dim))
+                return out
+
+            return replace
+
+        handles = [b.register_forward_hook(hook(m)) for b, m in zip(blocks_of(surgery_vit(self.base)), self.blocks[task], strict=True)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def encode(self, images: torch.Tensor, task: str) -> torch.Tensor:
+        self.check_task(task)
+        with self.block_surgery(task):
+            z = self.base.encode(images, task)
+        return self.final[task](z)
+
+    def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
+        self.check_task(task)
+        if self.blocks is None:
+            return self.base.block_features(images, task)
+        record: list[torch.Tensor] = []
+        with self.block_surgery(task, record):
+            self.base.encode(images, task)
+        return record
+
+
+def build_base(suite: Suite, params: SurgeryParams) -> MultiTaskModel:
+    """The base merge: built directly if static; a data-dependent base is run (or loaded) from the runs cache."""
+    from merging.methods import get_method, make_params
+
+    method = get_method(params.base)
+    overrides = parse_base_params(params.base_params)
+    if not method.data_dependent:
+        return method.build(suite, make_params(method, overrides))
+    from merging import runs
+
+    config = runs.RunConfig(suite.name, method.name, overrides, params.base_preset or None)
+    result = runs.run(config, suite, cache_dir=runs.current_cache_dir())
+    return runs.load_model(result, suite, runs.current_cache_dir())
+
+
+def index_schedule(sizes: Mapping[str, int], iterations: int, steps_per_task: int, batch_size: int, generator: torch.Generator) -> Schedule:
+    """The batches Surgery visits: per iteration, each task in order, ``steps_per_task`` shuffled batches."""
+    streams = {t: unlabeled_indices(n, batch_size, generator) for t, n in sizes.items()}
+    return [[(t, next(streams[t])) for t in sizes for _ in range(steps_per_task)] for _ in range(iterations)]
+
+
+def _log_every(iterations: int) -> int:
+    return max(1, iterations // 100)
+
+
+def fit_cached(
+    modules: nn.ModuleDict,
+    base_features: Mapping[str, torch.Tensor],
+    targets: Mapping[str, torch.Tensor],
+    schedule: Schedule,
+    optimizer: torch.optim.Optimizer,
+    progress=None,
+) -> list[float]:
+    """Surgery V1 on cached features: each step is L1(module_k(z), z_k) on one batch, then one Adam step."""
+
+    def step(i: int) -> float:
+        total = torch.zeros(())
+        for task, idx in schedule[i]:
+            loss = F.l1_loss(modules[task](base_features[task][idx]), targets[task][idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.detach().cpu()
+        return float(total) / len(schedule[i])
+
+    return optimize(len(schedule), step, progress, desc="Surgery", log_every=_log_every(len(schedule)))
+
+
+def fit_blocks(
+    model: SurgeryModel,
+    suite: Suite,
+    targets: Mapping[str, torch.Tensor],
+    block_targets: Mapping[str, Sequence[torch.Tensor]],
+    schedule: Schedule,
+    optimizer: torch.optim.Optimizer,
+    device: str = "cpu",
+    progress=None,
+) -> list[float]:
+    """SurgeryV2: the blocks' inputs change as the modules train, so the base encoder re-runs every step;
+    loss = sum_l L1(token-mean X_l^surg, token-mean X_l^ind) + L1(z~, z_k), the individual's side cached."""
+
+    def step(i: int) -> float:
+        total = torch.zeros(())
+        for task, idx in schedule[i]:
+            data = suite.data[task]
+            images = data.preprocess(data.test_images[idx]).to(device)
+            record: list[torch.Tensor] = []
+            with model.block_surgery(task, record):
+                z = model.final[task](model.base.encode(images, task))
+            loss = F.l1_loss(z, targets[task][idx])
+            for x, target in zip(record, block_targets[task], strict=True):
+                loss = loss + F.l1_loss(x, target[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.detach().cpu()
+        return float(total) / len(schedule[i])
+
+    return optimize(len(schedule), step, progress, desc="SurgeryV2", log_every=_log_every(len(schedule)))
+
+
+def individual_model(suite: Suite, tasks: Sequence[str]) -> PerTaskModel:
+    return PerTaskModel(suite.build_encoder(), {t: suite.finetuned[t] for t in tasks}, suite.make_heads())
+
+
+class Surgery(MergeMethod):
+    name = "surgery"
+    title = "Representation Surgery"
+    paper_url = "https://arxiv.org/abs/2402.02705"
+    Params = SurgeryParams
+    presets = {
+        "paper": {"iterations": 500, "steps_per_task": 2, "batch_size": 16, "lr": 1e-3, "base_preset": "paper"},
+        # CPU-sized for 8 tasks of mini8: V1 ~5-10 s (mostly caching features), V2 ~20-40 s (re-runs the encoder).
+        "fast": {"iterations": 40, "steps_per_task": 2, "batch_size": 16, "lr": 1e-3, "base_preset": "fast"},
+    }
+
+    def build(self, suite: Suite, params: SurgeryParams) -> SurgeryModel:
+        base = build_base(suite, params)
+        dim = next(iter(suite.heads.values()))["weight"].shape[1]
+        width = layers = 0
+        if params.version == 2:
+            vit = surgery_vit(base)
+            width, layers = vit.transformer.width, len(blocks_of(vit))
+        return SurgeryModel(base, dim, params.rank, width, layers)
+
+    def adapt(self, model: SurgeryModel, suite: Suite, params: SurgeryParams, ctx: RunContext) -> dict:
+        tasks = model.tasks
+        individual = individual_model(suite, tasks).to(ctx.device)
+        base = {t: feature_cache.encoded(model.base, suite, t, device=ctx.device) for t in tasks}
+        targets = {t: feature_cache.encoded(individual, suite, t, device=ctx.device) for t in tasks}
+        generator = torch.Generator().manual_seed(ctx.seed)
+        schedule = index_schedule({t: len(base[t]) for t in tasks}, params.iterations, params.steps_per_task, params.batch_size, generator)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=params.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        if params.version == 1:
+            curve = fit_cached(model.final, base, targets, schedule, optimizer, ctx.progress)
+            with torch.no_grad():
+                after = {t: model.final[t](base[t]) for t in tasks}
+        else:
+            block_targets = {t: feature_cache.block_means(individual, suite, t, device=ctx.device) for t in tasks}
+            curve = fit_blocks(model, suite, targets, block_targets, schedule, optimizer, ctx.device, ctx.progress)
+            after = {t: feature_cache.encoded(model, suite, t, device=ctx.device) for t in tasks}
+        return {
+            "base": params.base,
+            "version": params.version,
+            "l1_before": {t: feature_cache.mean_l1(base[t], targets[t]) for t in tasks},
+            "l1_after": {t: feature_cache.mean_l1(after[t], targets[t]) for t in tasks},
+            "loss": curve,
+            "loss_every": _log_every(params.iterations),
+        }
