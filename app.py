@@ -8,6 +8,7 @@ def main() -> None:
     pages = [
         st.Page("pages/home.py", title="Overview", icon=":material/home:", default=True),
         st.Page("pages/merge.py", title="Merge", icon=":material/merge:"),
+        st.Page("pages/method_comparison.py", title="Method comparison", icon=":material/compare:"),
     ]
     st.navigation(pages).run()
 

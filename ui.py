@@ -88,6 +88,34 @@ def start_job(spec: dict) -> str | None:
         return None
 
 
+@st.cache_resource(show_spinner="Loading the model...", max_entries=8)
+def load_run_model(key: str, suite_name: str, _result: dict):
+    from merging.runs import load_model
+
+    return load_model(_result, load_suite(suite_name), CACHE_DIR)
+
+
+@st.cache_data(show_spinner="Computing routing weights...", max_entries=32)
+def routing_samples(_result: dict, suite_name: str, task: str, n: int = 256) -> pd.DataFrame:
+    """Per-sample routing weights of a WEMoE run on up to ``n`` test images of ``task`` (tidy frame)."""
+    import torch
+
+    model = load_run_model(_result["key"], suite_name, _result)
+    data = load_suite(suite_name).data[task]
+    with torch.no_grad():
+        r = model.routing_weights(data.preprocess(data.test_images[:n]), task)
+    blocks = _result["info"]["blocks"]
+    rows = [(s, f"block {blocks[b]}", model.tasks[k], float(r[s, b, k])) for s in range(r.shape[0]) for b in range(r.shape[1]) for k in range(r.shape[2])]
+    return pd.DataFrame(rows, columns=["sample", "block", "expert", "weight"])
+
+
+@st.cache_data(show_spinner="Computing the cross-task matrix...", max_entries=32)
+def cross_task(_result: dict, suite_name: str) -> pd.DataFrame:
+    from merging.cross_task import cached_cross_task_matrix
+
+    return cached_cross_task_matrix(_result, load_suite(suite_name), CACHE_DIR)
+
+
 def run_label(result: dict) -> str:
     """A row label: the method's title, its preset, and the hyperparameters changed from it."""
     extras = [f"{k}={v}" for k, v in result.get("overrides", {}).items()]

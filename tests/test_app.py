@@ -77,3 +77,25 @@ def test_merge_page_runs_a_new_setting_in_the_background(app_cache, micro_suite)
     label = next(i for i in table.index if "scaling=0.55" in i)
     expected = run(RunConfig("micro", "task_arithmetic", {"scaling": 0.55}), micro_suite, cache_dir=app_cache, device="cpu")
     assert table.loc[label, "avg"] == pytest.approx(expected["average"])
+
+
+def test_method_comparison_page_shows_routing_filter_and_cross_task(app_cache, micro_suite):
+    for m in ("wemoe", "tinting"):
+        run(RunConfig("micro", m, preset="fast"), micro_suite, cache_dir=app_cache, device="cpu")
+    at = _page("pages/method_comparison.py")
+    at.session_state["cmp-methods"] = ["task_arithmetic", "wemoe", "tinting", "individual"]
+    at.run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    wemoe = run(RunConfig("micro", "wemoe", preset="fast"), micro_suite, cache_dir=app_cache, device="cpu")
+    assert table.loc["WEMoE", "avg"] == pytest.approx(wemoe["average"])
+    assert {"WEMoE routing", "Model Tinting: the confidence filter"} <= {h.value for h in at.subheader}
+    charts = at.get("plotly_chart")
+    assert len(charts) >= 6  # bars, cost scatter, 2 routing heatmaps, routing box, kept-fraction, cross-task
+    from merging.cross_task import cross_task_matrix
+    from merging.runs import load_model
+
+    tint = run(RunConfig("micro", "tinting", preset="fast"), micro_suite, cache_dir=app_cache, device="cpu")
+    matrix = cross_task_matrix(load_model(tint, micro_suite, app_cache), micro_suite, device="cpu")
+    for t in micro_suite.tasks:
+        assert matrix.loc[t, t] == pytest.approx(tint["accuracy"][t])

@@ -1,0 +1,96 @@
+"""Method comparison: per-task accuracy of WEMoE vs Model Tinting vs Surgery vs the baselines, their cost,
+WEMoE's routing, Tinting's confidence filter and the cross-task (encoder x head) matrix."""
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+import ui
+from merging.evaluation import accuracy_table, normalized_table
+from merging.methods import METHODS
+from merging.runs import RunConfig
+
+settings = ui.sidebar()
+name, preset, device = settings["suite"], settings["preset"], settings["device"]
+st.title("Method comparison")
+if not ui.suite_is_built(name):
+    st.info(f"The {name} suite is not built yet: open the Overview page to build it.")
+    st.stop()
+suite = ui.load_suite(name)
+
+ORDER = ["pretrained", "weight_averaging", "task_arithmetic", "ties", "adamerging", "surgery", "wemoe", "tinting", "individual"]
+available = [m for m in ORDER if m in METHODS]
+picked = st.multiselect("Methods", available, default=available, format_func=lambda m: METHODS[m].title, key="cmp-methods")
+configs = {m: RunConfig(name, m, preset=preset if METHODS[m].presets else None) for m in picked}
+results = ui.cached_results(suite, configs, device)
+missing = [m for m, r in results.items() if r is None]
+
+
+@st.fragment(run_every=ui.POLL_SECONDS)
+def progress_panel() -> None:
+    if ui.job_progress(st.session_state.get("cmp-job"), "Running") == "done":
+        st.rerun(scope="app")
+
+
+if missing:
+    st.write(f"Not computed yet with the **{preset}** preset: {', '.join(METHODS[m].title for m in missing)}.")
+    if st.button("Run the missing methods", type="primary", key="cmp-run"):
+        spec = {"kind": "runs", "suite": name, "device": device, "runs": [{"method": m, "preset": configs[m].preset} for m in missing]}
+        st.session_state["cmp-job"] = ui.start_job(spec)
+    progress_panel()
+
+done = {m: r for m, r in results.items() if r is not None}
+if not done:
+    st.stop()
+labels = {m: METHODS[m].title for m in done}
+table = accuracy_table({labels[m]: r["accuracy"] for m, r in done.items()}, suite.tasks)
+ui.accuracy_bars(table.drop(columns="avg"), "Per-task accuracy, side by side")
+tab_abs, tab_norm, tab_cost = st.tabs(["Accuracy (%)", "Normalized (% of individual)", "Accuracy vs cost"])
+with tab_abs:
+    st.dataframe(table.style.format("{:.1f}").background_gradient(cmap="Blues", axis=None), width="stretch")
+    ui.download_csv(table, f"{name}_{preset}_comparison.csv")
+with tab_norm:
+    if "individual" in done:
+        norm = normalized_table(table, reference=labels["individual"])
+        st.dataframe(norm.style.format("{:.1f}").background_gradient(cmap="Greens", axis=None), width="stretch")
+    else:
+        st.caption("Add Individual to the methods to normalize.")
+with tab_cost:
+    cost = pd.DataFrame({labels[m]: {"average accuracy": r["average"], "trainable params": r["parameters"]["trainable"],
+                                     "total params": r["parameters"]["total"], "adapt seconds": r["seconds"]["adapt"],
+                                     "evaluate seconds": r["seconds"]["evaluate"]} for m, r in done.items()}).T
+    fig = px.scatter(cost.reset_index(names="method"), x="trainable params", y="average accuracy", color="method", size="total params",
+                     hover_data=["adapt seconds"], log_x=True, title="Average accuracy vs trainable parameters (marker size: total)")
+    st.plotly_chart(fig, width="stretch")
+    st.dataframe(cost.style.format({"average accuracy": "{:.1f}", "adapt seconds": "{:.1f}", "evaluate seconds": "{:.1f}",
+                                    "trainable params": "{:,.0f}", "total params": "{:,.0f}"}), width="stretch")
+    ui.download_csv(cost, f"{name}_{preset}_cost.csv")
+
+if "wemoe" in done:
+    st.subheader("WEMoE routing")
+    routing = done["wemoe"]["info"]["routing"]
+    blocks = done["wemoe"]["info"]["blocks"]
+    own = pd.DataFrame({t: [routing[t][b][i] for b in range(len(blocks))] for i, t in enumerate(suite.tasks)}, index=[f"block {b}" for b in blocks]).T
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(px.imshow(own, text_auto=".2f", color_continuous_scale="Viridis", aspect="auto",
+                              title="Weight of a task's own task vector, per block", labels={"x": "MoE block", "y": "test images of task", "color": "r"}), width="stretch")
+    b = c2.selectbox("Block", range(len(blocks)), format_func=lambda i: f"block {blocks[i]}", index=len(blocks) - 1, key="cmp-block")
+    per_block = pd.DataFrame([routing[t][b] for t in suite.tasks], index=suite.tasks, columns=suite.tasks)
+    c2.plotly_chart(px.imshow(per_block, text_auto=".2f", color_continuous_scale="Viridis", aspect="auto",
+                              title=f"Mean routing weight in block {blocks[b]}", labels={"x": "expert task vector", "y": "test images of task", "color": "r"}), width="stretch")
+    task = st.selectbox("Per-sample routing for the test images of", suite.tasks, key="cmp-route-task")
+    samples = ui.routing_samples(done["wemoe"], name, task)
+    st.plotly_chart(px.box(samples, x="expert", y="weight", color="block", points=False,
+                           title=f"Routing weights of {len(samples['sample'].unique())} {task} test images"), width="stretch")
+
+if "tinting" in done:
+    st.subheader("Model Tinting: the confidence filter")
+    kept = done["tinting"]["info"]["kept_fraction"]
+    frame = pd.DataFrame(kept).reset_index(names="epoch").melt(id_vars="epoch", var_name="task", value_name="kept fraction")
+    st.plotly_chart(px.line(frame, x="epoch", y="kept fraction", color="task", title="Fraction of each batch kept by the filter, per epoch"), width="stretch")
+
+st.subheader("Cross-task accuracy (encoder of task i x head of task j)")
+which = st.selectbox("Model", list(done), format_func=lambda m: labels[m], index=list(done).index("tinting") if "tinting" in done else 0, key="cmp-cross")
+matrix = ui.cross_task(done[which], name)
+st.plotly_chart(px.imshow(matrix, text_auto=".0f", color_continuous_scale="Blues", aspect="auto", labels={"x": "head / test set j", "y": "encoder adapted for i", "color": "acc %"}), width="stretch")
+ui.download_csv(matrix, f"{name}_{which}_cross_task.csv")
