@@ -54,13 +54,17 @@ class RunConfig:
 
 
 def code_version(method: MergeMethod) -> str:
-    """The code version in a run key: the method's own source plus the shared machinery it runs on."""
+    """The code version in a run key: the method's source, the methods it may build on (Surgery on
+    AdaMerging) and the shared machinery. Changing any of them recomputes the run."""
     root = Path(__file__).parent
     h = hashlib.sha256(CODE_VERSION.encode())
-    h.update(inspect.getsource(type(method)).encode())
     h.update(Path(inspect.getfile(type(method))).read_bytes())
-    for rel in _SHARED_SOURCES:
-        h.update((root / rel).read_bytes())
+    sources = [root / rel for rel in _SHARED_SOURCES]
+    if method.data_dependent:
+        sources += sorted((root / "methods").glob("*.py")) + [root / "functional.py", root / "adaptation.py", root / "feature_cache.py"]
+    for path in sources:
+        if path.is_file():
+            h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
 
