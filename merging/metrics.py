@@ -141,8 +141,8 @@ def bias_table(
 ) -> pd.DataFrame:
     """Tidy metrics of every model against ``reference`` on one task: columns task, layer, reference, model, metric, value.
 
-    Per-model rows (the reference's too): silhouette, accuracy, and, given a joint ``projection`` of
-    the final features, its trustworthiness.
+    Per-model rows (the reference's too): silhouette, accuracy on these samples, and, given a joint
+    ``projection`` of the final features, its trustworthiness.
     """
     if reference not in sets:
         raise ConfigError(f"reference {reference!r} is not among the models: {', '.join(sets)}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -33,6 +34,7 @@ from merging.io import atomic_write, load_state_dict, save_state_dict
 from merging.progress import ProgressFn
 from merging.representations import FINAL, Features, layer_name
 
+log = logging.getLogger(__name__)
 PROJECTIONS = ("pca", "tsne", "umap")
 PCA_DIMS = 50
 PROJECTION_VERSION = "1"
@@ -42,11 +44,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "tsne": {"perplexity": 30.0, "n_jobs": 1},
     "umap": {"n_neighbors": 15, "min_dist": 0.1},
 }
-_QUIET = (
-    r".*not fully connected.*",  # umap's spectral init on a disconnected kNN graph: it still embeds every component
-    r".*n_jobs value .* overridden.*",  # umap runs single-threaded when random_state is set
-    r".*n_neighbors is larger than the dataset size.*",
-)
 
 
 def import_umap():
@@ -136,9 +133,8 @@ def embed(x: np.ndarray, method: str = "umap", dim: int = 2, seed: int = 0, **pa
         )
         return np.asarray(tsne.fit(x))
     umap = import_umap()
-    with warnings.catch_warnings():
-        for pattern in _QUIET:
-            warnings.filterwarnings("ignore", message=pattern)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a disconnected kNN graph: umap still embeds every component
+        warnings.simplefilter("always")
         reducer = umap.UMAP(
             n_components=dim,
             n_neighbors=max(2, min(int(p["n_neighbors"]), n - 1)),
@@ -146,7 +142,10 @@ def embed(x: np.ndarray, method: str = "umap", dim: int = 2, seed: int = 0, **pa
             random_state=seed,
             transform_seed=seed,
         )
-        return np.asarray(reducer.fit_transform(x))
+        out = np.asarray(reducer.fit_transform(x))
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        log.info("umap: %s", message)
+    return out
 
 
 def projection_key(sets: Mapping[str, Features], layer: str, method: str, dim: int, seed: int, params: Mapping[str, Any]) -> str | None:
@@ -184,9 +183,9 @@ def joint_projection(
         if progress is not None:
             progress(0.0, f"{method}: fitting {sum(len(fs.indices) for fs in sets.values())} points")
         x = np.concatenate([fs.layer(layer).numpy() for fs in sets.values()])
-        coords = embed(x, method, dim, seed, **p)
+        coords = np.ascontiguousarray(embed(x, method, dim, seed, **p), dtype=np.float32)  # as cached: a hit equals a fit
         if path is not None:
-            save_state_dict({"coords": torch.from_numpy(np.ascontiguousarray(coords, dtype=np.float32))}, path)
+            save_state_dict({"coords": torch.from_numpy(coords)}, path)
     frame = pd.concat([fs.frame(name) for name, fs in sets.items()], ignore_index=True)
     axes = pd.DataFrame(coords[:, :dim], columns=["x", "y", "z"][:dim])
     if progress is not None:

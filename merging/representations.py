@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
-from merging.device import default_device
+from merging.device import autocast, default_device, with_batch_size
 from merging.errors import ConfigError, DataError
 from merging.io import load_state_dict, save_state_dict
 from merging.model import MultiTaskModel
@@ -55,7 +55,7 @@ class Features:
 
     @property
     def accuracy(self) -> float:
-        return 100.0 * float(self.correct.float().mean())
+        return 100.0 * float(self.correct.double().mean())
 
     @property
     def layers(self) -> list[str]:
@@ -113,7 +113,10 @@ def sample_indices(labels: torch.Tensor, n: int | None = None, seed: int = 0) ->
     if n <= 0:
         raise ConfigError(f"sample size must be positive, got {n}")
     g = torch.Generator().manual_seed(seed)
-    pools = [idx[torch.randperm(len(idx), generator=g)] for c in labels.unique().tolist() if len(idx := (labels == c).nonzero().flatten())]
+    pools = []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        pools.append(idx[torch.randperm(len(idx), generator=g)])
     quota = [0] * len(pools)
     left = n
     while left:  # water-filling: each round gives every class that still has images an equal share
@@ -133,8 +136,8 @@ def sample_set_id(indices: torch.Tensor) -> str:
     return f"n{len(indices)}-{digest}"
 
 
-def features_dir(cache_dir: str | Path, run_key: str, task: str, indices: torch.Tensor) -> Path:
-    return Path(cache_dir) / "features" / f"v{FEATURES_VERSION}" / run_key / task / sample_set_id(indices)
+def features_dir(cache_dir: str | Path, run_key: str, task: str, indices: torch.Tensor, amp: bool = False) -> Path:
+    return Path(cache_dir) / "features" / f"v{FEATURES_VERSION}" / run_key / task / (sample_set_id(indices) + ("-amp" if amp else ""))
 
 
 def _logits(model: MultiTaskModel, images: torch.Tensor, z: torch.Tensor, task: str) -> torch.Tensor:
@@ -160,8 +163,12 @@ def extract(
     batch_size: int = 256,
     device: str | None = None,
     progress: ProgressFn | None = None,
+    amp: bool = False,
 ) -> Features:
-    """Uncached extraction, batched on ``device`` in fp32 (bias metrics compare small differences)."""
+    """Uncached extraction, batched on ``device``; fp32 unless ``amp`` (bf16 autocast on CUDA).
+
+    fp32 is the default because bias metrics compare small feature differences (algorithms.md §2).
+    """
     device = device or default_device()
     model.eval().to(device)
     indices = torch.arange(len(data.test_labels)) if indices is None else indices.to(torch.int64)
@@ -169,12 +176,14 @@ def extract(
     if final:
         for images, _ in _batches(data, indices, batch_size, f"features {task}", scaled(progress, 0.0, 0.5 if layers else 1.0)):
             x = images.to(device)
-            z = model.encode(x, task)
+            with autocast(device, amp):
+                z = model.encode(x, task)
+                preds.append(_logits(model, x, z, task).argmax(-1).cpu())
             emb.append(z.float().cpu())
-            preds.append(_logits(model, x, z, task).argmax(-1).cpu())
     if layers:
         for images, _ in _batches(data, indices, batch_size, f"block features {task}", scaled(progress, 0.5 if final else 0.0, 1.0)):
-            blocks.append([b.float().cpu() for b in model.block_features(images.to(device), task)])
+            with autocast(device, amp):
+                blocks.append([b.float().cpu() for b in model.block_features(images.to(device), task)])
     empty = torch.empty(0)
     return Features(
         task=task,
@@ -198,17 +207,23 @@ def cached_features(
     batch_size: int = 256,
     device: str | None = None,
     progress: ProgressFn | None = None,
+    amp: bool = False,
 ) -> Features:
-    """Features of ``model`` (or of a zero-argument loader, called only on a cache miss), cached on disk."""
+    """Features of ``model`` (or of a zero-argument loader, called only on a cache miss), cached on disk.
+
+    On CUDA out-of-memory the batch size halves and the extraction retries.
+    """
     suite.check_tasks([task])
     data = suite.data[task]
     indices = torch.arange(len(data.test_labels)) if indices is None else indices.to(torch.int64)
-    folder = features_dir(cache_dir, run_key, task, indices)
+    folder = features_dir(cache_dir, run_key, task, indices, amp)
     final_path, blocks_path = folder / f"{FINAL}.safetensors", folder / "blocks.safetensors"
     need_final, need_blocks = not final_path.is_file(), layers and not blocks_path.is_file()
     if need_final or need_blocks:
         net = model if isinstance(model, MultiTaskModel) else model()
-        fresh = extract(net, data, task, indices, layers=need_blocks, final=need_final, batch_size=batch_size, device=device, progress=progress)
+        fresh, _ = with_batch_size(
+            lambda bs: extract(net, data, task, indices, need_blocks, need_final, bs, device, progress, amp), batch_size
+        )
         meta = {"version": FEATURES_VERSION, "run_key": run_key, "task": task}
         if need_final:
             tensors = {"indices": fresh.indices, "labels": fresh.labels, "predictions": fresh.predictions, "embedding": fresh.embedding}
@@ -230,7 +245,7 @@ def cached_features(
         predictions=saved["predictions"],
         embedding=saved["embedding"],
         blocks=blocks,
-        key=f"{run_key}/{task}/{sample_set_id(indices)}",
+        key=f"{run_key}/{task}/{folder.name}",
     )
 
 
@@ -245,6 +260,7 @@ def run_features(
     batch_size: int = 256,
     device: str | None = None,
     progress: ProgressFn | None = None,
+    amp: bool = False,
 ) -> dict[str, Features]:
     """Features of a finished run (``merging.runs.run``'s result) on each task's stratified sample of ``n`` test images.
 
@@ -262,6 +278,6 @@ def run_features(
         indices = sample_indices(suite.data[task].test_labels, n, seed)
         out[task] = cached_features(
             loader, result["key"], suite, task, indices, layers, cache_dir, batch_size, device,
-            scaled(progress, i / len(tasks), (i + 1) / len(tasks), f"{task}: "),
+            scaled(progress, i / len(tasks), (i + 1) / len(tasks), f"{task}: "), amp,
         )  # fmt: skip
     return out

@@ -49,6 +49,7 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=500, help="test images per task, stratified by class (default: 500; 0 = all)")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the stratified sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the runs")
+    p.add_argument("--amp", action="store_true", help="extract features under bf16 autocast on CUDA (cached apart from fp32)")
     add_common(p)
 
 
@@ -79,7 +80,7 @@ def _features(args: argparse.Namespace, specs: list[str], layers: bool = False) 
     for spec in specs:
         name, overrides = parse_method(spec)
         result = run(RunConfig(args.suite, name, overrides, seed=args.seed), suite, cache_dir=args.cache_dir, device=args.device)
-        feats = run_features(result, suite, tasks, args.n or None, args.sample_seed, layers, args.cache_dir, device=args.device)
+        feats = run_features(result, suite, tasks, args.n or None, args.sample_seed, layers, args.cache_dir, device=args.device, amp=args.amp)
         for t, fs in feats.items():
             out[t][spec] = fs
     return tasks, out
