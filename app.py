@@ -8,7 +8,9 @@ def main() -> None:
     pages = [
         st.Page("pages/home.py", title="Overview", icon=":material/home:", default=True),
         st.Page("pages/merge.py", title="Merge", icon=":material/merge:"),
+        st.Page("pages/representation_bias.py", title="Representation bias", icon=":material/scatter_plot:"),
         st.Page("pages/method_comparison.py", title="Method comparison", icon=":material/compare:"),
+        st.Page("pages/ablations.py", title="Ablations", icon=":material/tune:"),
     ]
     st.navigation(pages).run()
 

@@ -116,6 +116,69 @@ def cross_task(_result: dict, suite_name: str) -> pd.DataFrame:
     return cached_cross_task_matrix(_result, load_suite(suite_name), CACHE_DIR)
 
 
+@st.cache_resource
+def warm_up_projections():
+    """Compile UMAP's numba code once per server, in the background, while the user looks around."""
+    from merging.projection import warm_up_in_background
+
+    return warm_up_in_background()
+
+
+def _bias_results(name: str, configs: dict[str, RunConfig], device: str) -> dict[str, dict | None]:
+    return cached_results(load_suite(name), configs, device)
+
+
+def bias_ready(name: str, configs: dict[str, RunConfig], device: str, n: int) -> bool:
+    """Whether every run and every task's features (with blocks) of the bias view are in the cache."""
+    from merging.representations import features_dir, sample_indices
+
+    suite = load_suite(name)
+    results = _bias_results(name, configs, device)
+    if None in results.values():
+        return False
+    for r in results.values():
+        for t in suite.tasks:
+            folder = features_dir(CACHE_DIR, r["key"], t, sample_indices(suite.data[t].test_labels, n, 0))
+            if not ((folder / "final.safetensors").is_file() and (folder / "blocks.safetensors").is_file()):
+                return False
+    return True
+
+
+@st.cache_resource(show_spinner="Loading features...", max_entries=16)
+def bias_features(name: str, configs: dict[str, RunConfig], device: str, n: int) -> dict:
+    """{model label: {task: Features}} read from the feature cache (filled by the background job)."""
+    from merging.representations import run_features
+
+    suite = load_suite(name)
+    return {label: run_features(r, suite, n=n, layers=True, cache_dir=CACHE_DIR) for label, r in _bias_results(name, configs, device).items()}
+
+
+@st.cache_data(show_spinner="Projecting (a few seconds; cached on disk afterwards)...", max_entries=64)
+def projected(name: str, configs: dict[str, RunConfig], device: str, n: int, task: str, method: str) -> pd.DataFrame:
+    """One joint fit over the models' features of ``task``, cached on disk by the library."""
+    from merging.projection import joint_projection
+
+    sets = {label: fs[task] for label, fs in bias_features(name, configs, device, n).items()}
+    return joint_projection(sets, method=method, cache_dir=CACHE_DIR)
+
+
+@st.cache_data(show_spinner="Measuring the bias...", max_entries=16)
+def bias_metrics(name: str, configs: dict[str, RunConfig], device: str, n: int) -> pd.DataFrame:
+    """Every task's metrics of each model against the individual model, final feature and every block."""
+    from merging.metrics import bias_table
+
+    feats = bias_features(name, configs, device, n)
+    tables = []
+    for task in load_suite(name).tasks:
+        sets = {label: fs[task] for label, fs in feats.items()}
+        tables.append(bias_table(sets, "individual", layers=sets["individual"].layers))
+    return pd.concat(tables, ignore_index=True)
+
+
+def download_html(fig, name: str) -> None:
+    st.download_button("Download interactive HTML", fig.to_html(include_plotlyjs=True, full_html=True).encode(), file_name=name, mime="text/html")
+
+
 def run_label(result: dict) -> str:
     """A row label: the method's title, its preset, and the hyperparameters changed from it."""
     extras = [f"{k}={v}" for k, v in result.get("overrides", {}).items()]

@@ -129,7 +129,7 @@ def _write(folder: Path, status: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------- the worker
-KINDS = ("suite", "run", "runs")
+KINDS = ("suite", "run", "runs", "sweep")
 
 
 def validate_spec(spec: dict) -> None:
@@ -146,16 +146,33 @@ def execute(spec: dict, cache_dir: str | Path, progress) -> Any:
     suite = get_suite(spec["suite"], seed=spec.get("suite_seed", 0), cache_dir=cache_dir, progress=progress)
     if kind == "suite":
         return {"suite": suite.name, "fingerprint": suite.fingerprint}
+    if kind == "sweep":
+        from merging.sweeps import SweepConfig, run_sweep
+
+        done = run_sweep(SweepConfig.from_dict(spec["sweep"]), suite, cache_dir, spec.get("device"), spec.get("executor", "local"),
+                         spec.get("workers", 1), spec.get("address"), progress)
+        return {"sweep": done.id, "computed": done.computed, "cached": done.cached}
     configs = [spec["run"]] if kind == "run" else spec["runs"]
-    keys = []
+    features = spec.get("features")  # {"n": samples per task, "layers": bool}: also extract each run's features
+    share = 0.7 if features else 1.0
+    results = []
     for i, c in enumerate(configs):
         config = RunConfig(spec["suite"], c["method"], c.get("params", {}), c.get("preset"), c.get("seed", 0), tuple(c["tasks"]) if c.get("tasks") else None)
 
         def sub(fraction: float, message: str, i: int = i, name: str = c["method"]) -> None:
-            progress((i + fraction) / len(configs), f"{name} ({i + 1}/{len(configs)}): {message}")
+            progress(share * (i + fraction) / len(configs), f"{name} ({i + 1}/{len(configs)}): {message}")
 
-        keys.append(run(config, suite, cache_dir=cache_dir, device=spec.get("device"), progress=sub)["key"])
-    return {"keys": keys}
+        results.append(run(config, suite, cache_dir=cache_dir, device=spec.get("device"), progress=sub))
+    if features:
+        from merging.representations import run_features
+
+        for i, r in enumerate(results):
+
+            def feat(fraction: float, message: str, i: int = i, name: str = r["method"]) -> None:
+                progress(share + (1 - share) * (i + fraction) / len(results), f"features of {name}: {message}")
+
+            run_features(r, suite, n=features.get("n"), layers=features.get("layers", False), cache_dir=cache_dir, device=spec.get("device"), progress=feat)
+    return {"keys": [r["key"] for r in results]}
 
 
 def work(jid: str, cache_dir: str | Path = "cache") -> int:
