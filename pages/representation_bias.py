@@ -50,7 +50,7 @@ frame = ui.projected(name, configs, device, int(n), task, projection)
 shown = {"before Surgery": ["individual", "merged"], "after Surgery": ["individual", "merged + Surgery"], "both": list(configs)}[view]
 rows = frame[frame["model"].isin(shown)].reset_index(drop=True)
 color = st.radio("Colour by", ["model", "class"], horizontal=True, key="bias-color")
-fig = px.scatter(rows, x="x", y="y", color="model" if color == "model" else "classname", symbol="classname" if color == "model" else "model",
+fig = px.scatter(rows, x="x", y="y", color="model" if color == "model" else "classname", symbol=None if color == "model" else "model",
                  custom_data=["sample", "model"], hover_data=["classname", "predicted_classname", "correct"], height=620,
                  color_discrete_map={"individual": "#2563eb", "merged": "#dc2626", "merged + Surgery": "#16a34a"},
                  title=f"{task}: {projection.upper()} of the final features ({METHODS[base].title}, {view})")

@@ -120,3 +120,50 @@ def test_merge_page_starts_a_run_and_shows_its_table(server, page):
     page.get_by_text("scaling=0.45").first.wait_for(timeout=120_000)
     wait_idle(page)
     shot(page, "merge")
+
+
+@pytest.fixture(scope="module")
+def bias_ready(micro_suite, micro_cache):
+    """The bias view's runs and features, computed as the page's background job would."""
+    from merging import jobs
+
+    spec = {"kind": "runs", "suite": "micro", "device": "cpu", "features": {"n": 300, "layers": True},
+            "runs": [{"method": "individual"}, {"method": "task_arithmetic"}, {"method": "surgery", "params": {"base": "task_arithmetic"}, "preset": "fast"}]}
+    jobs.execute(spec, micro_cache, lambda f, m: None)
+
+
+def test_representation_bias_lasso_shows_images(server, page, bias_ready):
+    t0 = time.perf_counter()
+    open_page(page, server, "representation_bias")
+    chart = page.locator("[data-testid='stPlotlyChart']").first
+    chart.wait_for(timeout=240_000)
+    first = time.perf_counter() - t0
+    page.get_by_text("Bias metrics").wait_for(timeout=60_000)
+    wait_idle(page)
+    shot(page, "bias_before_selection")
+    box = page.locator(".nsewdrag").first.bounding_box()
+    cx, cy, w, h = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["width"], box["height"]
+    page.mouse.move(cx - 0.45 * w, cy - 0.45 * h)
+    page.mouse.down()
+    for fx, fy in [(0.45, -0.45), (0.45, 0.45), (-0.45, 0.45), (-0.45, -0.44)]:
+        page.mouse.move(cx + fx * w, cy + fy * h, steps=8)
+    page.mouse.up()
+    page.get_by_text("selected test images").wait_for(timeout=60_000)
+    wait_idle(page)
+    assert page.locator("[data-testid='stImage']").count() > 0
+    shot(page, "bias_selection")
+    t1 = time.perf_counter()
+    open_page(page, server, "representation_bias")
+    page.locator("[data-testid='stPlotlyChart']").first.wait_for(timeout=60_000)
+    print(f"bias page: first view {first:.1f} s, second visit {time.perf_counter() - t1:.1f} s")
+
+
+def test_method_comparison_in_browser(server, page, micro_suite, micro_cache):
+    for m in ("wemoe", "tinting", "surgery", "adamerging"):
+        run(RunConfig("micro", m, preset="fast"), micro_suite, cache_dir=micro_cache, device="cpu")
+    open_page(page, server, "method_comparison")
+    page.get_by_text("WEMoE routing").wait_for(timeout=120_000)
+    page.get_by_text("Cross-task accuracy").wait_for(timeout=120_000)
+    wait_idle(page)
+    assert page.locator("[data-testid='stPlotlyChart']").count() >= 6
+    shot(page, "method_comparison")
