@@ -194,5 +194,23 @@ def accuracy_bars(table: pd.DataFrame, title: str = "Per-task accuracy") -> None
     st.plotly_chart(fig, width="stretch")
 
 
+def accuracy_tabs(table: pd.DataFrame, reference: str | None, filename: str, extra: list[str] | None = None) -> list:
+    """Bars, then tabs with the accuracy table and the normalized one (both downloadable); returns any ``extra`` tabs."""
+    from merging.evaluation import normalized_table
+
+    tabs = st.tabs(["Accuracy (%)", "Normalized (% of individual)", *(extra or [])])
+    with tabs[0]:
+        st.dataframe(table.style.format("{:.1f}").background_gradient(cmap="Blues", axis=None), width="stretch")
+        download_csv(table, f"{filename}.csv")
+    with tabs[1]:
+        if reference in table.index:
+            norm = normalized_table(table, reference=reference)
+            st.dataframe(norm.style.format("{:.1f}").background_gradient(cmap="Greens", axis=None), width="stretch")
+            download_csv(norm, f"{filename}_normalized.csv")
+        else:
+            st.caption("Add Individual to the methods to normalize.")
+    return tabs[2:]
+
+
 def download_csv(table: pd.DataFrame, name: str, label: str = "Download CSV") -> None:
     st.download_button(label, table.to_csv(float_format="%.2f").encode(), file_name=name, mime="text/csv")

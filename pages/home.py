@@ -3,7 +3,7 @@
 import streamlit as st
 
 import ui
-from merging.evaluation import accuracy_table, normalized_table
+from merging.evaluation import accuracy_table
 from merging.methods import BASELINES, get_method
 from merging.runs import RunConfig
 
@@ -44,11 +44,4 @@ cols = st.columns(4)
 for col, m in zip(cols, ["pretrained", "task_arithmetic", "ties", "individual"], strict=True):
     col.metric(get_method(m).title, f"{results[m]['average']:.1f} %")
 ui.accuracy_bars(table.drop(columns="avg"))
-tab_abs, tab_norm = st.tabs(["Accuracy (%)", "Normalized (% of individual)"])
-with tab_abs:
-    st.dataframe(table.style.format("{:.1f}").background_gradient(cmap="Blues", axis=None), width="stretch")
-    ui.download_csv(table, f"{name}_baselines.csv")
-with tab_norm:
-    norm = normalized_table(table, reference=get_method("individual").title)
-    st.dataframe(norm.style.format("{:.1f}").background_gradient(cmap="Greens", axis=None), width="stretch")
-    ui.download_csv(norm, f"{name}_baselines_normalized.csv")
+ui.accuracy_tabs(table, get_method("individual").title, f"{name}_baselines")

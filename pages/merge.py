@@ -7,7 +7,7 @@ import typing
 import streamlit as st
 
 import ui
-from merging.evaluation import accuracy_table, normalized_table
+from merging.evaluation import accuracy_table
 from merging.methods import METHODS, make_params, params_dict
 from merging.runs import RunConfig, program_report
 
@@ -82,15 +82,7 @@ if len(done) > 0:
     labels = {label: ui.run_label(r) for label, r in done.items()}
     table = accuracy_table({labels[k]: r["accuracy"] for k, r in done.items()}, suite.tasks)
     ui.accuracy_bars(table.drop(columns="avg"))
-    tab_abs, tab_norm, tab_cost = st.tabs(["Accuracy (%)", "Normalized (% of individual)", "Cost"])
-    with tab_abs:
-        st.dataframe(table.style.format("{:.1f}").background_gradient(cmap="Blues", axis=None), width="stretch")
-        ui.download_csv(table, f"{name}_accuracy.csv")
-    with tab_norm:
-        if "individual" in done:
-            norm = normalized_table(table, reference=labels["individual"])
-            st.dataframe(norm.style.format("{:.1f}").background_gradient(cmap="Greens", axis=None), width="stretch")
-            ui.download_csv(norm, f"{name}_normalized.csv")
+    (tab_cost,) = ui.accuracy_tabs(table, labels.get("individual"), f"{name}_accuracy", ["Cost"])
     with tab_cost:
         cost = {labels[k]: {"trainable params": r["parameters"]["trainable"], "total params": r["parameters"]["total"],
                             "adapt s": round(r["seconds"]["adapt"], 2), "evaluate s": round(r["seconds"]["evaluate"], 2)} for k, r in done.items()}

@@ -6,7 +6,7 @@ import plotly.express as px
 import streamlit as st
 
 import ui
-from merging.evaluation import accuracy_table, normalized_table
+from merging.evaluation import accuracy_table
 from merging.methods import METHODS
 from merging.runs import RunConfig
 
@@ -45,16 +45,7 @@ if not done:
 labels = {m: METHODS[m].title for m in done}
 table = accuracy_table({labels[m]: r["accuracy"] for m, r in done.items()}, suite.tasks)
 ui.accuracy_bars(table.drop(columns="avg"), "Per-task accuracy, side by side")
-tab_abs, tab_norm, tab_cost = st.tabs(["Accuracy (%)", "Normalized (% of individual)", "Accuracy vs cost"])
-with tab_abs:
-    st.dataframe(table.style.format("{:.1f}").background_gradient(cmap="Blues", axis=None), width="stretch")
-    ui.download_csv(table, f"{name}_{preset}_comparison.csv")
-with tab_norm:
-    if "individual" in done:
-        norm = normalized_table(table, reference=labels["individual"])
-        st.dataframe(norm.style.format("{:.1f}").background_gradient(cmap="Greens", axis=None), width="stretch")
-    else:
-        st.caption("Add Individual to the methods to normalize.")
+(tab_cost,) = ui.accuracy_tabs(table, labels.get("individual"), f"{name}_{preset}_comparison", ["Accuracy vs cost"])
 with tab_cost:
     cost = pd.DataFrame({labels[m]: {"average accuracy": r["average"], "trainable params": r["parameters"]["trainable"],
                                      "total params": r["parameters"]["total"], "adapt seconds": r["seconds"]["adapt"],
