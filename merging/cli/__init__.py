@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "merging.cli.core",
     "merging.cli.clip",
     "merging.cli.representations",
+    "merging.cli.sweep",
 ]
 
 
@@ -29,6 +30,14 @@ def parse_sets(items: Sequence[str] | None) -> dict[str, str]:
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, str]]:
+    """``name`` or ``name:key=value;key=value`` -> (name, overrides)."""
+    name, _, rest = spec.strip().partition(":")
+    if not name:
+        raise MergeLensError(f"method spec {spec!r}: expected NAME or NAME:KEY=VALUE;KEY=VALUE")
+    return name.strip(), parse_sets([s for s in rest.split(";") if s.strip()])
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("table", help="per-task accuracy of the baselines (and any other cached runs) on a suite")
     p.add_argument("--suite", default="mini8")
-    p.add_argument("--methods", default=None, help="comma-separated methods to run (default: the baselines)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: the baselines); NAME:KEY=VALUE;KEY=VALUE sets hyperparameters, e.g. surgery:base=ties")
+    p.add_argument("--preset", default=None, help="preset of data-dependent methods: fast or paper (default: fast on CPU, paper on GPU)")
     p.add_argument("--ta-grid", default=None, help="also run task arithmetic at these scalings, e.g. 0.1,0.2,...,1.0")
     p.add_argument("--normalized", action="store_true", help="also print accuracy normalized by Individual")
     p.add_argument("--csv", default=None, help="write the table to this CSV file")
@@ -159,19 +160,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def baseline_table(suite_name: str, methods: list[str], ta_grid: list[float], cache_dir: str, device: str | None):
-    """Run (or load) each method and return the accuracy table, row labels like ``task_arithmetic(0.3)``."""
+def baseline_table(suite_name: str, methods: list[str], ta_grid: list[float], cache_dir: str, device: str | None, preset: str | None = None):
+    """Run (or load) each method spec and return the accuracy table, row labels like ``task_arithmetic(scaling=0.3)``."""
+    from merging.cli import parse_method
     from merging.evaluation import accuracy_table
     from merging.runs import RunConfig, run
     from merging.suites import get_suite
 
     suite = get_suite(suite_name, cache_dir=cache_dir)
     rows = {}
-    for m in methods:
-        rows[m] = run(RunConfig(suite_name, m), suite, cache_dir=cache_dir, device=device)["accuracy"]
+    for spec in methods:
+        name, overrides = parse_method(spec)
+        result = run(RunConfig(suite_name, name, overrides, preset), suite, cache_dir=cache_dir, device=device)
+        label = name + (f"({';'.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
+        rows[label] = result["accuracy"]
+        print(f"{label}: {result['average']:.1f} (adapt {result['seconds']['adapt']:.1f} s)", flush=True)
     for lam in ta_grid:
         r = run(RunConfig(suite_name, "task_arithmetic", {"scaling": lam}), suite, cache_dir=cache_dir, device=device)
-        rows[f"task_arithmetic({lam:g})"] = r["accuracy"]
+        rows[f"task_arithmetic(scaling={lam:g})"] = r["accuracy"]
     return accuracy_table(rows, suite.tasks)
 
 
@@ -183,7 +189,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(BASELINES)
     grid = [float(x) for x in args.ta_grid.split(",")] if args.ta_grid else []
-    table = baseline_table(args.suite, methods, grid, args.cache_dir, args.device)
+    table = baseline_table(args.suite, methods, grid, args.cache_dir, args.device, args.preset)
     with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.1f}".format):
         print(table)
         if args.normalized and "individual" in table.index:

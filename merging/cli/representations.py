@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from merging.cli import add_common, parse_sets
+from merging.cli import add_common, parse_method, parse_sets
 from merging.errors import ConfigError
 
 
@@ -51,14 +51,6 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the runs")
     p.add_argument("--amp", action="store_true", help="extract features under bf16 autocast on CUDA (cached apart from fp32)")
     add_common(p)
-
-
-def parse_method(spec: str) -> tuple[str, dict[str, str]]:
-    """``name`` or ``name:key=value;key=value`` -> (name, overrides)."""
-    name, _, rest = spec.strip().partition(":")
-    if not name:
-        raise ConfigError(f"method spec {spec!r}: expected NAME or NAME:KEY=VALUE;KEY=VALUE")
-    return name.strip(), parse_sets([s for s in rest.split(";") if s.strip()])
 
 
 def _method_list(text: str) -> list[str]:
