@@ -1,0 +1,120 @@
+"""Ablations: a sweep's accuracy (and mean L1 bias) against each swept value, error bands over seeds."""
+
+import dataclasses
+
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+import ui
+from merging import sweeps
+from merging.errors import MergeLensError
+from merging.methods import METHODS
+
+settings = ui.sidebar()
+st.title("Ablations")
+builtin = sweeps.builtin_sweeps()
+finished = {m["id"]: m for m in sweeps.list_sweeps(ui.CACHE_DIR)}
+options = [f"builtin:{k}" for k in builtin] + [f"done:{k}" for k in finished] + ["new"]
+
+
+def describe(option: str) -> str:
+    kind, _, key = option.partition(":")
+    if kind == "builtin":
+        return f"Built-in: {builtin[key].title or key} ({builtin[key].suite})"
+    if kind == "done":
+        c = finished[key]["config"]
+        return f"Finished: {c.get('title') or key} ({c['suite']}, {finished[key]['created']})"
+    return "New sweep..."
+
+
+def new_sweep() -> sweeps.SweepConfig:
+    """A small sweep on the sidebar's suite: one or two swept keys, comma-separated values, seeds."""
+    names = [m for m in METHODS if m not in ("pretrained", "individual")]
+    method = st.selectbox("Method", names, index=names.index("task_arithmetic"), format_func=lambda m: METHODS[m].title, key="abl-method")
+    keys = [f.name for f in dataclasses.fields(METHODS[method].Params)] + ["num_tasks"]
+    cols = st.columns(3)
+    grid = {cols[0].selectbox("Swept key", keys, key="abl-key1"): sweeps.parse_values(cols[0].text_input("Values", "0.1,0.3,0.5", key="abl-values1"))}
+    if cols[1].checkbox("Second key", key="abl-two"):
+        grid[cols[1].selectbox("Second swept key", keys, index=len(keys) - 1, key="abl-key2")] = sweeps.parse_values(cols[1].text_input("Values", "2,3", key="abl-values2"))
+    seeds = [int(s) for s in cols[2].text_input("Seeds", "0", key="abl-seeds").split(",") if s.strip()]
+    preset = settings["preset"] if METHODS[method].presets else None
+    return sweeps.SweepConfig(settings["suite"], method, grid, preset=preset, seeds=tuple(seeds))
+
+
+def line_plot(table, x: str, by: str, title: str, y_label: str) -> None:
+    """Mean against ``x``, one line per ``by`` value, with a band of +-1 std over seeds."""
+    fig, colors = go.Figure(), px.colors.qualitative.Plotly
+    for i, (name, g) in enumerate(table.groupby(by, sort=False)):
+        color, xs = colors[i % len(colors)], [str(v) for v in g[x]]
+        if (g["count"] > 1).any():
+            rgba = "rgba({},{},{},0.15)".format(*(int(color[j:j + 2], 16) for j in (1, 3, 5)))
+            fig.add_scatter(x=xs + xs[::-1], y=list(g["mean"] + g["std"]) + list(g["mean"] - g["std"])[::-1], fill="toself", mode="lines",
+                            fillcolor=rgba, line=dict(width=0), hoverinfo="skip", showlegend=False)
+        fig.add_scatter(x=xs, y=g["mean"], mode="lines+markers", name=str(name), line=dict(color=color, width=3 if name == "average" else 1.5))
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y_label, height=420, margin=dict(t=50, b=10), xaxis_type="category")
+    st.plotly_chart(fig, width="stretch")
+
+
+def show_curves(frame, x: str, by: str, metric: str, stem: str) -> None:
+    label = "accuracy (%)" if metric == "accuracy" else "mean L1 distance to the experts"
+    table = sweeps.curves(frame, x, by, metric)
+    line_plot(table, x, by, f"{'Accuracy' if metric == 'accuracy' else 'L1 bias'} vs {x}" + ("" if by == "task" else f", average, by {by}"), label)
+    with st.expander("Table"):
+        st.dataframe(table, width="stretch", hide_index=True)
+        ui.download_csv(table.set_index([x, by]), f"{stem}_{metric}_{x}_by_{by}.csv")
+
+
+pick = st.selectbox("Sweep", options, format_func=describe, key="abl-sweep")
+kind, _, key = pick.partition(":")
+try:
+    config = sweeps.manifest_config(finished[key]) if kind == "done" else builtin[key] if kind == "builtin" else new_sweep()
+    if kind == "done":
+        frame, done, total = sweeps.load_frame(ui.CACHE_DIR, key), len(finished[key]["points"]), len(finished[key]["points"])
+    else:
+        if not ui.suite_is_built(config.suite):
+            st.info(f"This sweep runs on the {config.suite} suite, which is not built yet: open the Overview page to build it.")
+            st.stop()
+        frame, done, total = sweeps.cached_frame(config, ui.load_suite(config.suite), ui.CACHE_DIR, settings["device"])
+except MergeLensError as e:
+    st.error(str(e))
+    st.stop()
+st.caption(f"{config.method} on {config.suite}; swept: {', '.join(f'{k} = {v}' for k, v in config.grid.items())}; seeds {list(config.seeds)}. "
+           "Bands: ±1 std over seeds (per-task curves of a two-key sweep also spread over the other key).")
+
+
+@st.fragment(run_every=ui.POLL_SECONDS)
+def progress_panel() -> None:
+    if ui.job_progress(st.session_state.get("abl-job"), "Sweep") == "done":
+        st.rerun(scope="app")
+
+
+if done < total:
+    st.write(f"{done} of {total} points computed.")
+    if st.button("Run the sweep", type="primary", key="abl-run"):
+        st.session_state["abl-job"] = ui.start_job({"kind": "sweep", "suite": config.suite, "device": settings["device"], "sweep": config.to_dict()})
+    progress_panel()
+
+if frame.empty:
+    st.stop()
+axes, stem = config.axes, sweeps.sweep_id(config)
+has_l1 = frame["l1"].notna().any()
+for x in axes:
+    st.subheader(f"Against {x}")
+    for by in ["task"] + [a for a in axes if a != x]:
+        show_curves(frame, x, by, "accuracy", stem)
+        if has_l1:
+            show_curves(frame, x, by, "l1", stem)
+if len(axes) == 2:
+    st.subheader(f"{axes[0]} × {axes[1]}")
+    for metric in ["average"] + (["l1_average"] if has_l1 else []):
+        heat = sweeps.grid_table(frame, axes[0], axes[1], metric)
+        fig = px.imshow(heat.values, x=[str(c) for c in heat.columns], y=[str(i) for i in heat.index], text_auto=".1f" if metric == "average" else ".3f",
+                        labels=dict(x=axes[1], y=axes[0], color=metric), color_continuous_scale="Blues" if metric == "average" else "Reds", aspect="auto")
+        fig.update_layout(title=f"{metric} (mean over seeds)", height=380, margin=dict(t=50, b=10))
+        st.plotly_chart(fig, width="stretch")
+        st.dataframe(heat, width="stretch")
+        ui.download_csv(heat, f"{stem}_{metric}_heatmap.csv")
+with st.expander("All points (one row per point × task)"):
+    st.dataframe(frame, width="stretch", hide_index=True)
+    ui.download_csv(frame.set_index(axes + ["seed", "task"]), f"{stem}.csv", "Download the whole sweep")

@@ -1,0 +1,77 @@
+"""AppTest of the Ablations page on the micro suite: a finished sweep's plots and tables match the library; a new one runs as a job."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from merging.sweeps import SweepConfig, grid_table, run_sweep  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = SweepConfig("micro", "task_arithmetic", {"scaling": [0.2, 0.6], "num_tasks": [2, 3]}, seeds=(0, 1), title="TA micro")
+
+
+@pytest.fixture(scope="module")
+def finished(micro_suite, micro_cache):
+    import ui
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ui, "CACHE_DIR", micro_cache)
+    mp.setenv("MERGELENS_DEFAULT_SUITE", "micro")
+    yield run_sweep(SWEEP, micro_suite, micro_cache, device="cpu")
+    mp.undo()
+
+
+def _page(option: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "pages/ablations.py"), default_timeout=120)
+    at.session_state["suite"] = "micro"
+    if option:
+        at.session_state["abl-sweep"] = option
+    return at.run()
+
+
+def test_finished_two_axis_sweep_renders_curves_and_heatmap(finished):
+    at = _page(f"done:{finished.id}")
+    assert not at.exception
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2 * 2 + 1  # per axis: per-task curves and curves by the other axis; one heatmap
+    heat = next(d.value for d in at.dataframe if list(d.value.columns) == [2, 3])
+    expected = grid_table(finished.frame, "scaling", "num_tasks")
+    assert heat.loc[0.6, 3] == pytest.approx(expected.loc[0.6, 3])
+    per_task = next(d.value for d in at.dataframe if "task" in d.value.columns and "mean" in d.value.columns)
+    avg = per_task[(per_task.task == "average") & (per_task.scaling == 0.2)]
+    assert avg["mean"].item() == pytest.approx(finished.frame.drop_duplicates("key").query("scaling == 0.2")["average"].mean())
+    assert avg["count"].item() == 4  # 2 task counts x 2 seeds
+
+
+def test_builtin_sweep_on_an_unbuilt_suite_says_so(finished):
+    at = _page("builtin:ta_lambda")
+    assert not at.exception
+    assert any("mini8 suite, which is not built" in i.value for i in at.info)
+
+
+def test_new_sweep_runs_in_the_background(finished, micro_suite, micro_cache):
+    at = _page("new")
+    assert not at.exception
+    at.selectbox(key="abl-method").set_value("task_arithmetic").run()
+    at.selectbox(key="abl-key1").set_value("scaling")
+    at.text_input(key="abl-values1").set_value("0.35,0.45").run()
+    assert any("0 of 2 points computed" in m.value for m in at.markdown)
+    at.button(key="abl-run").click().run()
+    for _ in range(90):
+        time.sleep(1)
+        at.run()
+        if at.get("plotly_chart") and not any("points computed" in m.value for m in at.markdown):
+            break
+    assert not at.exception
+    expected = run_sweep(SweepConfig("micro", "task_arithmetic", {"scaling": [0.35, 0.45]}, preset=None), micro_suite, micro_cache, device="cpu")
+    assert expected.computed == 0  # the job computed both points
+    per_task = next(d.value for d in at.dataframe if "task" in d.value.columns and "mean" in d.value.columns)
+    got = per_task[per_task.task == "average"].set_index("scaling")["mean"]
+    want = expected.frame.drop_duplicates("key").set_index("scaling")["average"]
+    assert got.loc[0.35] == pytest.approx(want.loc[0.35]) and got.loc[0.45] == pytest.approx(want.loc[0.45])
