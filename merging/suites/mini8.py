@@ -283,9 +283,18 @@ def load(folder: str | Path) -> Suite:
 
 def load_or_build(name: str, seed: int = 0, cache_dir: str | Path = "cache", progress: ProgressFn | None = None) -> Suite:
     """Load the cached suite, or build and cache it (first use only)."""
+    import fcntl
+
     folder = suite_dir(name, seed, cache_dir)
     if (folder / "manifest.json").is_file():
         return load(folder)
-    suite = build(name, seed, progress)
-    save(suite, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        if progress:
+            progress(0.0, "waiting for another process building this suite")
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two jobs asking for the same suite build it once
+        if (folder / "manifest.json").is_file():
+            return load(folder)
+        suite = build(name, seed, progress)
+        save(suite, folder)
     return suite
