@@ -290,9 +290,12 @@ def load_or_build(name: str, seed: int = 0, cache_dir: str | Path = "cache", pro
         return load(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        if progress:
-            progress(0.0, "waiting for another process building this suite")
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two jobs asking for the same suite build it once
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # two jobs asking for the same suite build it once
+            if progress:
+                progress(0.0, "waiting for another process building this suite")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if (folder / "manifest.json").is_file():
             return load(folder)
         suite = build(name, seed, progress)
