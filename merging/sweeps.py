@@ -234,7 +234,10 @@ def _run_ray(configs: Sequence[RunConfig], cache_dir: str, device: str | None, w
     if started:
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}}
         local = {} if address else {"num_cpus": workers, "object_store_memory": 100 * 1024**2}
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=env, **local)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=env, **local)
+        except (ConnectionError, RuntimeError) as e:
+            raise ConfigError(f"could not start or reach Ray{f' at {address}' if address else ''}: {e}") from None
     try:
         gpus = 1 if device == "cuda" else 0
         remote = ray.remote(num_cpus=1, num_gpus=gpus)(_work)

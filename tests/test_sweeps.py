@@ -138,6 +138,12 @@ def test_interrupted_sweep_resumes_with_only_the_missing_points(micro_suite, mic
     pd.testing.assert_series_equal(accuracies(resumed.frame), accuracies(local_frame))
 
 
+def test_ray_executor_without_ray_installed_says_how_to_install(micro_suite, micro_cache, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)
+    with pytest.raises(ConfigError, match="requirements-ray.txt"):
+        run_sweep(SWEEP, micro_suite, fresh_cache(micro_cache, tmp_path), device="cpu", executor="ray", workers=2)
+
+
 @pytest.mark.slow
 def test_ray_with_two_workers_matches_local(micro_suite, micro_cache, tmp_path, local_frame):
     pytest.importorskip("ray")
