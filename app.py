@@ -6,11 +6,11 @@ import streamlit as st
 def main() -> None:
     st.set_page_config(page_title="MergeLens", page_icon="🔬", layout="wide")
     pages = [
-        st.Page("pages/home.py", title="Overview", icon=":material/home:", default=True),
-        st.Page("pages/merge.py", title="Merge", icon=":material/merge:"),
-        st.Page("pages/representation_bias.py", title="Representation bias", icon=":material/scatter_plot:"),
-        st.Page("pages/method_comparison.py", title="Method comparison", icon=":material/compare:"),
-        st.Page("pages/ablations.py", title="Ablations", icon=":material/tune:"),
+        st.Page("app_pages/home.py", title="Overview", icon=":material/home:", default=True),
+        st.Page("app_pages/merge.py", title="Merge", icon=":material/merge:"),
+        st.Page("app_pages/representation_bias.py", title="Representation bias", icon=":material/scatter_plot:"),
+        st.Page("app_pages/method_comparison.py", title="Method comparison", icon=":material/compare:"),
+        st.Page("app_pages/ablations.py", title="Ablations", icon=":material/tune:"),
     ]
     st.navigation(pages).run()
 

@@ -28,7 +28,7 @@ def finished(micro_suite, micro_cache):
 
 
 def _page(option: str | None = None) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "pages/ablations.py"), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "app_pages/ablations.py"), default_timeout=120)
     at.session_state["suite"] = "micro"
     if option:
         at.session_state["abl-sweep"] = option

@@ -42,7 +42,7 @@ def _page(path: str) -> AppTest:
 
 
 def test_overview_shows_the_baseline_table(app_cache, micro_suite):
-    at = _page("pages/home.py").run()
+    at = _page("app_pages/home.py").run()
     assert not at.exception
     table = at.dataframe[0].value
     expected = run(RunConfig("micro", "task_arithmetic"), micro_suite, cache_dir=app_cache, device="cpu")
@@ -61,7 +61,7 @@ def test_app_entrypoint_renders(app_cache):
 
 
 def test_merge_page_runs_a_new_setting_in_the_background(app_cache, micro_suite):
-    at = _page("pages/merge.py").run()
+    at = _page("app_pages/merge.py").run()
     assert not at.exception
     n_rows = len(at.dataframe[0].value)
     scaling = next(w for w in at.number_input if w.label == "scaling")
@@ -82,7 +82,7 @@ def test_merge_page_runs_a_new_setting_in_the_background(app_cache, micro_suite)
 def test_method_comparison_page_shows_routing_filter_and_cross_task(app_cache, micro_suite):
     for m in ("wemoe", "tinting"):
         run(RunConfig("micro", m, preset="fast"), micro_suite, cache_dir=app_cache, device="cpu")
-    at = _page("pages/method_comparison.py")
+    at = _page("app_pages/method_comparison.py")
     at.session_state["cmp-methods"] = ["task_arithmetic", "wemoe", "tinting", "individual"]
     at.run()
     assert not at.exception, at.exception
