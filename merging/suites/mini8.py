@@ -51,6 +51,8 @@ class Recipe:
     pretext_batch: int = 256
     pretext_weight_decay: float = 0.05
     p_word: float = 0.35
+    p_word_tasks: tuple[tuple[str, float], ...] = ()
+    """Per-task caption rates overriding ``p_word`` (how often the web's captions name a task's classes)."""
     p_wrong: float = 0.1
     head_scale: float = 20.0
     finetune_steps: int = 200
@@ -75,7 +77,14 @@ class Recipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-MINI8 = Recipe(tasks=("colors", "shapes", "gratings", "textures", "house_numbers", "counting", "mnist", "digits"))
+MINI8 = Recipe(
+    tasks=("colors", "shapes", "gratings", "textures", "house_numbers", "counting", "mnist", "digits"),
+    pretext_images_per_task=6000,
+    pretext_steps=400,
+    p_word=0.15,
+    finetune_steps=300,
+    finetune_lr=5e-4,
+)
 MICRO = Recipe(
     tasks=("colors", "gratings", "digits"),
     width=32,
@@ -116,13 +125,13 @@ def _generate(recipe: Recipe, seed: int) -> tuple[dict[str, TaskData], torch.Ten
     for i, t in enumerate(recipe.tasks):
         spec = TASK_SPECS[t]
         rng = np.random.default_rng([seed, 1000 + i])
-        xtr, ytr = spec.make(rng, recipe.n_train)
-        xte, yte = spec.make(rng, recipe.n_test)
+        xtr, ytr = spec.make(rng, recipe.n_train, "train")
+        xte, yte = spec.make(rng, recipe.n_test, "test")
         data[t] = TaskData(t, list(spec.classnames), torch.from_numpy(xte), torch.from_numpy(yte), torch.from_numpy(xtr), torch.from_numpy(ytr))
-        xp, yp = spec.make(np.random.default_rng([seed, 5000 + i]), recipe.pretext_images_per_task)
+        xp, yp = spec.make(np.random.default_rng([seed, 5000 + i]), recipe.pretext_images_per_task, "train")
         target = np.zeros((len(xp), len(vocab)), np.float32)
         target[:, word[t]] = 1
-        said = caption_rng.random(len(xp)) < recipe.p_word
+        said = caption_rng.random(len(xp)) < dict(recipe.p_word_tasks).get(t, recipe.p_word)
         target[said, [word[spec.classnames[y]] for y in yp[said]]] = 1
         wrong = caption_rng.random(len(xp)) < recipe.p_wrong
         target[wrong, [word[spec.classnames[c]] for c in caption_rng.integers(0, len(spec.classnames), wrong.sum())]] = 1
@@ -154,11 +163,11 @@ def _pretrain(recipe: Recipe, images: torch.Tensor, targets: torch.Tensor, prep,
 
 
 def _finetune(recipe: Recipe, encoder: nn.Module, pretrained: dict, head: torch.Tensor, task: TaskData, seed: int, progress: ProgressFn | None) -> dict:
-    """Whole encoder, head frozen (task-vectors protocol), AdamW + cosine schedule."""
+    """Whole encoder, head frozen (task-vectors protocol), AdamW with a 10 % warm-up then cosine decay."""
     encoder.load_state_dict(pretrained)
     encoder.train()
     opt = torch.optim.AdamW(encoder.parameters(), lr=recipe.finetune_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.finetune_steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.finetune_lr, total_steps=recipe.finetune_steps, pct_start=0.1, anneal_strategy="cos")
     gen = torch.Generator().manual_seed(seed)
     images, labels = task.split("train")
     for _ in track(range(recipe.finetune_steps), desc=f"fine-tuning {task.name}", progress=progress):

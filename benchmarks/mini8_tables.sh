@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The numbers behind README/BENCHMARKS: every method on mini8 with the given preset (default fast).
+#   bash benchmarks/mini8_tables.sh [fast|paper]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PRESET="${1:-fast}"
+PY=.venv/bin/python
+export NUMBA_CACHE_DIR="$PWD/cache/numba"
+mkdir -p benchmarks/results
+/usr/bin/time -f "suite build/load wall %e s" $PY -m merging suite build mini8
+$PY -m merging table --suite mini8 --normalized --ta-grid 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0 --csv benchmarks/results/mini8_baselines.csv
+$PY -m merging table --suite mini8 --preset "$PRESET" --normalized --csv "benchmarks/results/mini8_methods_$PRESET.csv" --methods \
+  pretrained,weight_averaging,task_arithmetic,ties,adamerging,surgery:base=weight_averaging,surgery:base=task_arithmetic,surgery:base=ties,surgery:base=adamerging,surgery:base=task_arithmetic\;version=2,wemoe,tinting,individual
+$PY -m merging metrics --suite mini8 --methods individual,weight_averaging,task_arithmetic,ties --reference individual --n 500 --csv benchmarks/results/mini8_bias_baselines.csv > /dev/null
+$PY -m merging metrics --suite mini8 --methods "individual,task_arithmetic,surgery:base=task_arithmetic" --reference individual --n 500 --csv benchmarks/results/mini8_bias_surgery.csv > /dev/null
