@@ -24,9 +24,13 @@ POLL_SECONDS = 1.0
 def sidebar() -> dict:
     """Suite, device and preset pickers shared by every page, plus the running jobs."""
     with st.sidebar:
-        names = list_suites()
+        names = list_suites() + config_suites()
         default = os.environ.get("MERGELENS_DEFAULT_SUITE", names[0])
-        suite = st.selectbox("Suite", names, index=names.index(default) if default in names else 0, key="suite", help="mini8: the built-in 8-task suite; micro: 3 tasks, for a quick look")
+        if default not in names:
+            names.append(default)
+        suite = st.selectbox("Suite", names, index=names.index(default), key="suite",
+                             help="mini8: the built-in 8-task suite; micro: 3 tasks, for a quick look; or a suite config file "
+                                  "(see README, 'Your own checkpoints') listed in MERGELENS_SUITES or found in suites/")
         device = default_device()
         st.caption(f"Device: **{device}**" + ("" if device == "cuda" else " (no GPU found)"))
         presets = ["fast", "paper"]
@@ -45,7 +49,17 @@ def running_jobs_panel() -> None:
             st.progress(j.get("progress", 0.0), text=f"{j['id'].split('-')[0]}: {j.get('message', '')}"[:80])
 
 
+def config_suites() -> list[str]:
+    """Suite config files the user points the app at: ``MERGELENS_SUITES`` (os.pathsep-separated) and ``suites/*.yaml``."""
+    listed = [p for p in os.environ.get("MERGELENS_SUITES", "").split(os.pathsep) if p]
+    found = sorted(str(p) for p in (Path(__file__).resolve().parent / "suites").glob("*.y*ml"))
+    return list(dict.fromkeys(listed + found))
+
+
 def suite_is_built(name: str) -> bool:
+    """Built-in suites are built once into the cache; a config suite reads its files directly."""
+    if name not in list_suites():
+        return True
     return (suite_dir(name, 0, CACHE_DIR) / "manifest.json").is_file()
 
 

@@ -437,3 +437,53 @@ def test_batch_size_halves_on_out_of_memory_then_says_so():
         with_batch_size(lambda s: fn(10**6), 4)
     with pytest.raises(ValueError):
         with_batch_size(lambda s: (_ for _ in ()).throw(ValueError("not memory")), 4)
+
+
+# ------------------------------------------------------------------------------------- every method, and the app
+TINY_OVERRIDES = {
+    "adamerging": "adamerging:steps=2",
+    "surgery": "surgery:iterations=2",
+    "wemoe": "wemoe:steps=2",
+    "tinting": "tinting:epochs=2",
+}
+
+
+@pytest.mark.parametrize("layout", ["open_clip", "hf", "task_vectors"])
+def test_every_registered_method_runs_from_the_cli_on_each_layout(world, capsys, layout):
+    from merging.methods import METHODS
+
+    _convert(world, capsys)
+    specs = [TINY_OVERRIDES.get(m, m) for m in METHODS]
+    csv = world.root / f"every-{layout}.csv"
+    argv = ["table", "--suite", str(world.configs[layout]), "--methods", ",".join(specs), "--preset", "fast", "--cache-dir", str(world.root / "cache"), "--csv", str(csv)]
+    assert main(argv) == 0, capsys.readouterr().err
+    import pandas as pd
+
+    table = pd.read_csv(csv, index_col=0)
+    assert len(table) == len(METHODS)
+    acc = table[list(TASKS)]
+    assert acc.notna().all().all() and ((acc >= 0) & (acc <= 100)).all().all()
+
+
+def test_a_config_suite_opens_in_the_app(world, capsys, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    import ui
+
+    _convert(world, capsys)
+    config = str(world.configs["open_clip"])
+    monkeypatch.setattr(ui, "CACHE_DIR", world.root / "cache")
+    monkeypatch.setenv("MERGELENS_SUITES", config)
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app_pages" / "home.py"), default_timeout=120)
+    at.session_state["suite"] = config
+    at.run()
+    for _ in range(120):
+        if at.dataframe or at.exception:
+            break
+        import time
+
+        time.sleep(1)
+        at.run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert list(table.columns) == [*list(TASKS), "avg"] and "Task Arithmetic" in table.index
