@@ -48,3 +48,13 @@ def micro_suite(micro_cache):
     from merging.suites import get_suite
 
     return get_suite("micro", cache_dir=micro_cache)
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """AppTest runs page scripts as ``__main__`` and leaves them there; a later spawn-based process pool would
+    then re-run a page (and build mini8) in every worker. Put the real ``__main__`` back after each test."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main

@@ -149,9 +149,10 @@ def test_representation_bias_lasso_shows_images(server, page, bias_ready):
         page.mouse.move(cx + fx * w, cy + fy * h, steps=8)
     page.mouse.up()
     page.get_by_text("selected test images").wait_for(timeout=60_000)
+    page.locator("[data-testid='stImage']").first.wait_for(timeout=60_000)
     wait_idle(page)
-    assert page.locator("[data-testid='stImage']").count() > 0
     shot(page, "bias_selection")
+    assert page.locator("[data-testid='stImage']").count() > 0
     t1 = time.perf_counter()
     open_page(page, server, "representation_bias")
     page.locator("[data-testid='stPlotlyChart']").first.wait_for(timeout=60_000)

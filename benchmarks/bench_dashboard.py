@@ -1,0 +1,67 @@
+"""Time the Representation-bias page as a new user meets it, the browser tests' way.
+
+    .venv/bin/python benchmarks/bench_dashboard.py [--suite mini8] [--cache-dir DIR]
+
+Starts ``streamlit run app.py`` on a free port with an empty (or given) cache, opens the Representation-bias
+page in headless Chromium and waits until the before/after-Surgery scatter is drawn (first visit: the suite
+build, three runs, their features and the UMAP fit all happen then); then opens it again in a new tab
+(second visit: everything is cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--suite", default="mini8")
+    ap.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder")
+    ap.add_argument("--screenshot", default=None, help="save the first view here (PNG)")
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    cache = Path(args.cache_dir or tempfile.mkdtemp(prefix="mergelens-bench-"))
+    env = {**os.environ, "MERGELENS_CACHE": str(cache), "MERGELENS_DEFAULT_SUITE": args.suite}
+    port = 8765
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port)],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://localhost:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            times = []
+            for visit in ("first", "second"):
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                t0 = time.perf_counter()
+                page.goto(f"{url}/representation_bias")
+                page.locator("[data-testid='stPlotlyChart']").first.wait_for(timeout=900_000)
+                times.append(time.perf_counter() - t0)
+                if visit == "first" and args.screenshot:
+                    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=120_000)
+                    page.screenshot(path=args.screenshot, full_page=True)
+                page.close()
+            browser.close()
+    finally:
+        server.terminate()
+    print(f"| Representation-bias page, {args.suite}, empty cache -> UMAP drawn (first visit) | {times[0]:.1f} s |")
+    print(f"| same page, second visit | {times[1]:.1f} s |")
+
+
+if __name__ == "__main__":
+    main()
