@@ -1,0 +1,62 @@
+"""Background jobs: one job per spec across sessions, progress in status.json, cancel, and a crashed worker is reported."""
+
+import time
+
+import pytest
+
+from merging import jobs
+from merging.runs import RunConfig, cached_result
+
+
+def _wait(cache, jid, states, timeout=180):
+    for _ in range(timeout * 4):
+        status = jobs.read_status(cache, jid)
+        if status and status["state"] in states:
+            return status
+        time.sleep(0.25)
+    raise AssertionError(f"job {jid} never reached {states}: {jobs.read_status(cache, jid)}")
+
+
+def test_same_spec_is_one_job_and_its_result_is_a_cached_run(micro_suite, micro_cache):
+    spec = {"kind": "runs", "suite": "micro", "device": "cpu", "runs": [{"method": "ties", "params": {"density": 0.35}}]}
+    first = jobs.start(spec, micro_cache)
+    second = jobs.start(spec, micro_cache)  # another tab / session asking for the same work
+    assert first == second
+    assert len([j for j in jobs.list_jobs(micro_cache) if j["id"] == first]) == 1
+    status = _wait(micro_cache, first, ("done", "error"))
+    assert status["state"] == "done", status
+    result = cached_result(RunConfig("micro", "ties", {"density": 0.35}), micro_suite, micro_cache, "cpu")
+    assert result is not None and status["result"]["keys"] == [result["key"]]
+    assert jobs.start(spec, micro_cache) == first and jobs.read_status(micro_cache, first)["state"] == "done"
+
+
+def test_cancel_stops_the_worker_and_leaves_no_result(micro_suite, micro_cache):
+    spec = {"kind": "runs", "suite": "micro", "device": "cpu", "runs": [{"method": "surgery", "params": {"iterations": 100000}, "preset": "fast"}]}
+    jid = jobs.start(spec, micro_cache)
+    status = _wait(micro_cache, jid, ("running",))
+    time.sleep(3)
+    jobs.cancel(micro_cache, jid)
+    assert jobs.read_status(micro_cache, jid)["state"] == "cancelled"
+    for _ in range(40):
+        if not jobs._alive(status["pid"]):  # reaps the zombie of this test's child
+            break
+        time.sleep(0.25)
+    else:
+        pytest.fail("the worker is still alive after cancel")
+    assert cached_result(RunConfig("micro", "surgery", {"iterations": 100000}, "fast"), micro_suite, micro_cache, "cpu") is None
+
+
+def test_a_dead_worker_is_reported_as_an_error(micro_cache):
+    jid = "runs-deadbeef0000"
+    folder = jobs.job_dir(micro_cache, jid)
+    folder.mkdir(parents=True)
+    jobs._write(folder, {"state": "running", "progress": 0.3, "message": "working", "pid": 2**22 + 12345})
+    status = jobs.read_status(micro_cache, jid)
+    assert status["state"] in ("running", "error")  # grace period for a worker that has just started
+    time.sleep(5.5)
+    assert jobs.read_status(micro_cache, jid)["state"] == "error"
+
+
+def test_unknown_job_kind_is_refused(micro_cache):
+    with pytest.raises(Exception, match="unknown job kind"):
+        jobs.start({"kind": "mine-bitcoin", "suite": "micro"}, micro_cache)
