@@ -115,6 +115,7 @@ def test_merge_page_starts_a_run_and_shows_its_table(server, page):
     box = page.get_by_label("scaling").first
     box.fill("0.45")
     box.press("Enter")
+    page.get_by_text("Not computed yet").wait_for(timeout=60_000)  # the rerun with the new value has drawn
     wait_idle(page)
     page.get_by_role("button", name="Run").click()
     page.get_by_text("scaling=0.45").first.wait_for(timeout=120_000)
