@@ -34,6 +34,4 @@ def block_means(model: MultiTaskModel, suite: Suite, task: str, batch_size: int 
     return _collect(lambda x: model.block_features(x, task), suite, task, batch_size, device)
 
 
-def mean_l1(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Surgery's representation bias: (1 / (N d)) sum_n ||a_n - b_n||_1 (algorithms.md §2)."""
-    return float((a - b).abs().mean())
+

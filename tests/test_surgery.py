@@ -11,6 +11,7 @@ from merging import feature_cache
 from merging.errors import ConfigError
 from merging.methods import RunContext, get_method, make_params
 from merging.methods.surgery import SurgeryModel, fit_cached, index_schedule, individual_model
+from merging.metrics import mean_l1
 from merging.model import MultiTaskModel
 from merging.runs import RunConfig, load_model, run, run_dir
 
@@ -107,7 +108,7 @@ def test_training_lowers_l1_distance_on_every_task(micro_suite):
         # the reported "after" is what the model itself now computes on the test images
         individual = individual_model(micro_suite, micro_suite.tasks)
         t = micro_suite.tasks[0]
-        l1 = feature_cache.mean_l1(feature_cache.encoded(model, micro_suite, t), feature_cache.encoded(individual, micro_suite, t))
+        l1 = mean_l1(feature_cache.encoded(model, micro_suite, t), feature_cache.encoded(individual, micro_suite, t))
         assert l1 == pytest.approx(info["l1_after"][t], rel=1e-5)
 
 

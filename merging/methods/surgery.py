@@ -23,6 +23,7 @@ from merging.adaptation import optimize, unlabeled_indices
 from merging.errors import ConfigError
 from merging.functional import MergedEncoder
 from merging.methods.base import MergeMethod, RunContext
+from merging.metrics import mean_l1
 from merging.model import MultiTaskModel, PerTaskModel, StaticModel, blocks_of
 from merging.suites.base import Suite
 
@@ -287,8 +288,8 @@ class Surgery(MergeMethod):
         return {
             "base": params.base,
             "version": params.version,
-            "l1_before": {t: feature_cache.mean_l1(base[t], targets[t]) for t in tasks},
-            "l1_after": {t: feature_cache.mean_l1(after[t], targets[t]) for t in tasks},
+            "l1_before": {t: mean_l1(base[t], targets[t]) for t in tasks},
+            "l1_after": {t: mean_l1(after[t], targets[t]) for t in tasks},
             "loss": curve,
             "loss_every": _log_every(params.iterations),
         }
