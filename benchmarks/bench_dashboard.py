@@ -11,15 +11,15 @@ build, three runs, their features and the UMAP fit all happen then); then opens 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app_server import CHROMIUM, CHROMIUM_ARGS, serve  # noqa: E402
 
 
 def main() -> None:
@@ -31,34 +31,21 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     cache = Path(args.cache_dir or tempfile.mkdtemp(prefix="mergelens-bench-"))
-    env = {**os.environ, "MERGELENS_CACHE": str(cache), "MERGELENS_DEFAULT_SUITE": args.suite}
-    port = 8765
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port)],
-                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://localhost:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
-            times = []
-            for visit in ("first", "second"):
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                t0 = time.perf_counter()
-                page.goto(f"{url}/representation_bias")
-                page.locator("[data-testid='stPlotlyChart']").first.wait_for(timeout=900_000)
-                times.append(time.perf_counter() - t0)
-                if visit == "first" and args.screenshot:
-                    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=120_000)
-                    page.screenshot(path=args.screenshot, full_page=True)
-                page.close()
-            browser.close()
-    finally:
-        server.terminate()
+    env = {"MERGELENS_CACHE": str(cache), "MERGELENS_DEFAULT_SUITE": args.suite}
+    with serve(env, timeout=120) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        times = []
+        for visit in ("first", "second"):
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            t0 = time.perf_counter()
+            page.goto(f"{url}/representation_bias")
+            page.locator("[data-testid='stPlotlyChart']").first.wait_for(timeout=900_000)
+            times.append(time.perf_counter() - t0)
+            if visit == "first" and args.screenshot:
+                page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=120_000)
+                page.screenshot(path=args.screenshot, full_page=True)
+            page.close()
+        browser.close()
     print(f"| Representation-bias page, {args.suite}, empty cache -> UMAP drawn (first visit) | {times[0]:.1f} s |")
     print(f"| same page, second visit | {times[1]:.1f} s |")
 

@@ -114,14 +114,10 @@ def encoder_block_features(
     return outs
 
 
-class StaticModel(MultiTaskModel):
-    """One encoder for every task: pretrained, weight averaging, task arithmetic, TIES."""
+class SharedEncoderModel(MultiTaskModel):
+    """One encoder module (``self.encoder``) for every task; only the heads differ. Subclasses set the encoder."""
 
-    def __init__(self, encoder: nn.Module, state: Mapping[str, torch.Tensor], tasks: Sequence[str], heads: nn.ModuleDict):
-        super().__init__(tasks, heads)
-        self.encoder = encoder
-        self.encoder.load_state_dict(dict(state))
-        self.encoder.requires_grad_(False)
+    encoder: nn.Module
 
     def encode(self, images: torch.Tensor, task: str) -> torch.Tensor:
         self.check_task(task)
@@ -130,6 +126,16 @@ class StaticModel(MultiTaskModel):
     def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
         self.check_task(task)
         return encoder_block_features(self.encoder, images)
+
+
+class StaticModel(SharedEncoderModel):
+    """One set of weights for every task: pretrained, weight averaging, task arithmetic, TIES."""
+
+    def __init__(self, encoder: nn.Module, state: Mapping[str, torch.Tensor], tasks: Sequence[str], heads: nn.ModuleDict):
+        super().__init__(tasks, heads)
+        self.encoder = encoder
+        self.encoder.load_state_dict(dict(state))
+        self.encoder.requires_grad_(False)
 
 
 class PerTaskModel(MultiTaskModel):

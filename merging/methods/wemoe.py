@@ -23,7 +23,7 @@ from merging import task_vectors as tv
 from merging.adaptation import entropy, optimize, unlabeled_batches
 from merging.errors import ConfigError
 from merging.methods.base import MergeMethod, RunContext
-from merging.model import MultiTaskModel, blocks_of, encoder_block_features
+from merging.model import SharedEncoderModel, blocks_of
 from merging.suites.base import Suite
 
 _MLP_TENSORS = ("c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias")
@@ -152,7 +152,7 @@ class WeightEnsemblingMLP(nn.Module):
         return getattr(self, f"{name}_tau_t")[k].t(), getattr(self, f"{name}_tau_bias")[k]
 
 
-class WEMoEModel(MultiTaskModel):
+class WEMoEModel(SharedEncoderModel):
     """A task-arithmetic encoder whose chosen MLPs are weight-ensembling MoEs; routing ignores the task name."""
 
     def __init__(self, encoder: nn.Module, tasks: Sequence[str], heads: nn.ModuleDict, moe_blocks: Sequence[int]):
@@ -163,14 +163,6 @@ class WEMoEModel(MultiTaskModel):
     def moe_layers(self) -> list[WeightEnsemblingMLP]:
         blocks = blocks_of(self.encoder)
         return [blocks[i].mlp for i in self.moe_blocks]
-
-    def encode(self, images: torch.Tensor, task: str) -> torch.Tensor:
-        self.check_task(task)
-        return self.encoder(images)
-
-    def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
-        self.check_task(task)
-        return encoder_block_features(self.encoder, images)
 
     @torch.no_grad()
     def routing_weights(self, images: torch.Tensor, task: str) -> torch.Tensor:
