@@ -63,6 +63,14 @@ def suite_is_built(name: str) -> bool:
     return (suite_dir(name, 0, CACHE_DIR) / "manifest.json").is_file()
 
 
+def require_suite(name: str) -> Suite:
+    """The suite, or a pointer to the Overview page (which builds it) and the end of this page's run."""
+    if not suite_is_built(name):
+        st.info(f"The {name} suite is not built yet: open the Overview page to build it.")
+        st.stop()
+    return load_suite(name)
+
+
 @st.cache_resource(show_spinner="Loading suite...")
 def load_suite(name: str) -> Suite:
     """The suite from the on-disk cache (built by a background job); never mutated by callers."""

@@ -14,10 +14,7 @@ from merging.runs import RunConfig, program_report
 settings = ui.sidebar()
 name, preset, device = settings["suite"], settings["preset"], settings["device"]
 st.title("Merge")
-if not ui.suite_is_built(name):
-    st.info(f"The {name} suite is not built yet: open the Overview page to build it.")
-    st.stop()
-suite = ui.load_suite(name)
+suite = ui.require_suite(name)
 
 choices = [m for m in METHODS if m not in ("pretrained", "individual")]
 picked = st.multiselect("Methods", choices, default=[m for m in ("task_arithmetic", "ties") if m in choices],

@@ -13,10 +13,7 @@ from merging.runs import RunConfig
 settings = ui.sidebar()
 name, preset, device = settings["suite"], settings["preset"], settings["device"]
 st.title("Method comparison")
-if not ui.suite_is_built(name):
-    st.info(f"The {name} suite is not built yet: open the Overview page to build it.")
-    st.stop()
-suite = ui.load_suite(name)
+suite = ui.require_suite(name)
 
 ORDER = ["pretrained", "weight_averaging", "task_arithmetic", "ties", "adamerging", "surgery", "wemoe", "tinting", "individual"]
 available = [m for m in ORDER if m in METHODS]
