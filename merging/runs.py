@@ -7,6 +7,7 @@ when ``result.json`` exists; a killed run leaves at most temporary files that no
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -53,8 +54,9 @@ class RunConfig:
         return method, make_params(method, self.params, preset), preset
 
 
+@functools.cache
 def code_version(method: MergeMethod) -> str:
-    """The code version in a run key: the method's source, the methods it may build on (Surgery on
+    """Computed once per process (pages recompute run keys on every rerun). The code version in a run key: the method's source, the methods it may build on (Surgery on
     AdaMerging) and the shared machinery. Changing any of them recomputes the run."""
     root = Path(__file__).parent
     h = hashlib.sha256(CODE_VERSION.encode())
