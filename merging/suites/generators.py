@@ -53,9 +53,9 @@ def _smooth_noise(rng: np.random.Generator, scale: int = 4) -> np.ndarray:
     return cols
 
 
-def _background(rng: np.random.Generator) -> np.ndarray:
+def _background(rng: np.random.Generator, noise: float = 0.4) -> np.ndarray:
     base = _random_color(rng)[0]
-    return 0.6 * base[None, None, :] + 0.4 * _smooth_noise(rng, int(rng.choice([4, 8])))
+    return (1 - noise) * base[None, None, :] + noise * _smooth_noise(rng, int(rng.choice([4, 8])))
 
 
 # ---------------------------------------------------------------------------- real digits from packages
@@ -145,10 +145,10 @@ def make_house_numbers(rng: np.random.Generator, n: int, split: str = "train") -
     idx = _pool_indices(rng, len(pool_x), n, split)
     out = np.empty((n, SIZE, SIZE, 3), np.uint8)
     for i, j in enumerate(idx):
-        img = _background(rng)
+        img = _background(rng, noise=0.25)
         for side in (-1, 1):
             k = int(rng.integers(0, len(pool_x)))
-            img = _compose(_place(pool_x[k] * 0.35, 2, 2 + side * 22), _random_color(rng)[0], img)
+            img = _compose(_place(pool_x[k] * 0.25, 2, 2 + side * 24), _random_color(rng)[0], img)
         fg = np.where(img.mean(axis=(0, 1)) > 0.5, 0.05, 0.95).astype(np.float32) + rng.normal(0, 0.05, 3).astype(np.float32)
         img = _compose(_place(pool_x[j], 2 + int(rng.integers(-1, 2)), 2 + int(rng.integers(-1, 2))), fg, img)
         img = img + rng.normal(0, 0.03, img.shape).astype(np.float32)
@@ -238,7 +238,7 @@ TEXTURES = ("stripes", "checkered", "dotted", "waves", "zigzag", "grid", "blotch
 
 
 def _texture(kind: str, rng: np.random.Generator) -> np.ndarray:
-    p = rng.uniform(6, 10)
+    p = rng.uniform(8, 12)
     a = rng.uniform(0, np.pi)
     u = np.cos(a) * _XX + np.sin(a) * _YY
     v = -np.sin(a) * _XX + np.cos(a) * _YY
