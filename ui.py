@@ -18,7 +18,7 @@ from merging.suites import Suite, get_suite, list_suites
 from merging.suites.mini8 import suite_dir
 
 CACHE_DIR = Path(os.environ.get("MERGELENS_CACHE", Path(__file__).resolve().parent / "cache"))
-POLL_SECONDS = 1.0
+POLL_SECONDS = 2.0
 
 
 def sidebar() -> dict:
@@ -40,7 +40,7 @@ def sidebar() -> dict:
     return {"suite": suite, "device": device, "preset": preset}
 
 
-@st.fragment(run_every=2.0)
+@st.fragment(run_every=5.0)
 def running_jobs_panel() -> None:
     active = jobs.list_jobs(CACHE_DIR, active_only=True)
     if active:
@@ -198,7 +198,10 @@ def bias_metrics(name: str, configs: dict[str, RunConfig], device: str, n: int) 
 
 
 def download_html(fig, name: str) -> None:
-    st.download_button("Download interactive HTML", fig.to_html(include_plotlyjs=True, full_html=True).encode(), file_name=name, mime="text/html")
+    """A self-contained HTML of ``fig`` (plotly.js inlined, ~5 MB), generated only when the button is clicked:
+    built eagerly it cost every rerun a second of server and browser time."""
+    st.download_button("Download interactive HTML", lambda: fig.to_html(include_plotlyjs=True, full_html=True).encode(), file_name=name,
+                       mime="text/html", on_click="ignore")
 
 
 def run_label(result: dict) -> str:

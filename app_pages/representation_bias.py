@@ -14,7 +14,6 @@ name, preset, device = settings["suite"], settings["preset"], settings["device"]
 st.title("Representation bias")
 st.caption("The merged model's features drift from each individual model's on the same images (Yang et al., 2024). "
            "One joint projection of all models' features per task keeps positions comparable; Surgery pulls the merged features back.")
-ui.warm_up_projections()
 
 BASES = [m for m in ("task_arithmetic", "ties", "weight_averaging", "adamerging") if m in METHODS]
 c1, c2, c3, c4 = st.columns([2, 2, 2, 1])
@@ -28,7 +27,8 @@ configs = {
     "merged": RunConfig(name, base, preset=preset if METHODS[base].presets else None),
     "merged + Surgery": RunConfig(name, "surgery", {"base": base}, preset=preset),
 }
-spec = {"kind": "runs", "suite": name, "device": device, "features": {"n": int(n), "layers": True},
+features_spec = {"n": int(n), "layers": True, "project": {"task": st.session_state.get("bias-task"), "method": projection}}
+spec = {"kind": "runs", "suite": name, "device": device, "features": features_spec,
         "runs": [{"method": c.method, "params": c.params, "preset": c.preset} for c in configs.values()]}
 ready = ui.suite_is_built(name) and ui.bias_ready(name, configs, device, int(n))
 if not ready:
@@ -43,6 +43,7 @@ if not ready:
     progress_panel()
     st.stop()
 
+ui.warm_up_projections()  # only now: while the job runs, numba's compile would slow it (the job fits the first view itself)
 suite = ui.load_suite(name)
 task = st.selectbox("Task", suite.tasks, key="bias-task")
 features = ui.bias_features(name, configs, device, int(n))

@@ -143,6 +143,11 @@ def execute(spec: dict, cache_dir: str | Path, progress) -> Any:
     from merging.suites import get_suite
 
     kind = spec["kind"]
+    project = (spec.get("features") or {}).get("project")
+    if project and project.get("method", "umap") == "umap":  # numba compiles UMAP (~25 s) while the suite builds
+        from merging.projection import warm_up_in_background
+
+        warm_up_in_background()
     suite = get_suite(spec["suite"], seed=spec.get("suite_seed", 0), cache_dir=cache_dir, progress=progress)
     if kind == "suite":
         return {"suite": suite.name, "fingerprint": suite.fingerprint}
@@ -166,12 +171,19 @@ def execute(spec: dict, cache_dir: str | Path, progress) -> Any:
     if features:
         from merging.representations import run_features
 
+        sets = []
         for i, r in enumerate(results):
 
             def feat(fraction: float, message: str, i: int = i, name: str = r["method"]) -> None:
                 progress(share + (1 - share) * (i + fraction) / len(results), f"features of {name}: {message}")
 
-            run_features(r, suite, n=features.get("n"), layers=features.get("layers", False), cache_dir=cache_dir, device=spec.get("device"), progress=feat)
+            sets.append(run_features(r, suite, n=features.get("n"), layers=features.get("layers", False), cache_dir=cache_dir, device=spec.get("device"), progress=feat))
+        if project:  # {"task": name or None (the first), "method": "umap"}: the page's first view
+            from merging.projection import joint_projection
+
+            task = project.get("task") or suite.tasks[0]
+            progress(0.99, f"{project.get('method', 'umap')} projection of {task}")
+            joint_projection({r["key"]: fs[task] for r, fs in zip(results, sets, strict=True)}, method=project.get("method", "umap"), cache_dir=cache_dir)
     return {"keys": [r["key"] for r in results]}
 
 

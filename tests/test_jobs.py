@@ -60,3 +60,23 @@ def test_a_dead_worker_is_reported_as_an_error(micro_cache):
 def test_unknown_job_kind_is_refused(micro_cache):
     with pytest.raises(Exception, match="unknown job kind"):
         jobs.start({"kind": "mine-bitcoin", "suite": "micro"}, micro_cache)
+
+
+def test_a_runs_job_fits_the_first_projection_the_bias_page_reads(micro_suite, micro_cache):
+    from pathlib import Path
+
+    from merging.projection import joint_projection, projection_key, resolved_params
+    from merging.representations import run_features
+
+    runs = [{"method": "individual"}, {"method": "task_arithmetic", "params": {"scaling": 0.35}}]
+    spec = {"kind": "runs", "suite": "micro", "device": "cpu", "runs": runs,
+            "features": {"n": 24, "layers": False, "project": {"task": "gratings", "method": "pca"}}}
+    out = jobs.execute(spec, micro_cache, lambda fraction, message: None)
+    results = [cached_result(RunConfig("micro", r["method"], r.get("params", {})), micro_suite, micro_cache, "cpu") for r in runs]
+    assert out["keys"] == [r["key"] for r in results]
+    sets = {label: run_features(r, micro_suite, tasks=["gratings"], n=24, cache_dir=micro_cache)["gratings"] for label, r in zip(("a", "b"), results, strict=True)}
+    key = projection_key(sets, "final", "pca", 2, 0, resolved_params("pca"))
+    path = Path(micro_cache) / "projections" / f"{key}.safetensors"
+    assert path.is_file()  # the page's first view is a cache hit
+    frame = joint_projection(sets, method="pca", cache_dir=micro_cache)
+    assert len(frame) == 48 and set(frame["model"]) == {"a", "b"}
