@@ -29,6 +29,32 @@ def test_suite_build_is_deterministic():
     assert a.fingerprint == b.fingerprint != c.fingerprint
 
 
+def test_synonym_captions_and_feature_preservation():
+    """mini8's recipe knobs: aliases join the vocabulary, per-task steps apply, and the preservation penalty keeps
+    other families' features closer to the pretrained ones than plain fine-tuning does (README, "What mattered")."""
+    knobs = replace(TINY, caption_aliases=3, p_canonical=0.2, finetune_steps=6, finetune_lr=5e-3, finetune_steps_tasks=(("digits", 1),))
+    plain = builtin.build("micro", seed=1, recipe=knobs)
+    kept = builtin.build("micro", seed=1, recipe=replace(knobs, preserve_weight=5.0, preserve_batch=8, preserve_images_per_task=16))
+    vocab = plain.info["vocab"]
+    assert {"red~1", "red~2", "0~2"} <= set(vocab) and "red~3" not in vocab
+    assert all(torch.equal(plain.pretrained[k], kept.pretrained[k]) for k in plain.pretrained)  # only fine-tuning differs
+    encoder = plain.build_encoder().eval()
+    _, pre_images, _, _ = builtin._generate(knobs, 1)
+    moved = {}
+    for name, suite in (("plain", plain), ("kept", kept)):
+        others = builtin._other_families(replace(knobs, preserve_images_per_task=16), pre_images, 0)
+        x = suite.data[suite.tasks[0]].preprocess(others)
+        with torch.no_grad():
+            encoder.load_state_dict(suite.pretrained)
+            before = encoder(x)
+            encoder.load_state_dict(suite.finetuned[suite.tasks[0]])
+            moved[name] = (encoder(x) - before).pow(2).sum(-1).mean().item()
+    assert moved["kept"] < 0.5 * moved["plain"], moved
+    digits_vector = sum((plain.finetuned["digits"][k] - plain.pretrained[k]).abs().sum() for k in plain.pretrained)
+    colors_vector = sum((plain.finetuned["colors"][k] - plain.pretrained[k]).abs().sum() for k in plain.pretrained)
+    assert 0 < digits_vector < colors_vector  # 1 step for digits, 6 for the others
+
+
 def test_suite_save_load_roundtrip(tmp_path):
     suite = builtin.build("micro", seed=0, recipe=TINY)
     builtin.save(suite, tmp_path / "s")
