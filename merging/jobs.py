@@ -144,24 +144,13 @@ def execute(spec: dict, cache_dir: str | Path, progress) -> Any:
 
     kind = spec["kind"]
     project = (spec.get("features") or {}).get("project")
-    warming = [not (project and project.get("method", "umap") == "umap")]
+    if project and project.get("method", "umap") == "umap":
+        # numba compiles UMAP (~25 s) on a thread from the start; measured against starting it at the first
+        # training step or compiling after the job's runs, this gave the shortest first visit (BENCHMARKS.md)
+        from merging.projection import warm_up_in_background
 
-    def warm_up_umap() -> None:
-        """Let numba compile UMAP (~25 s) on a thread while the suite trains (torch releases the GIL; the
-        image generation before it does not, so the thread waits for the first training step)."""
-        if not warming[0]:
-            from merging.projection import warm_up_in_background
-
-            warming[0] = True
-            warm_up_in_background()
-
-    def suite_progress(fraction: float, message: str) -> None:
-        if not message.startswith("generating"):
-            warm_up_umap()
-        progress(fraction, message)
-
-    suite = get_suite(spec["suite"], seed=spec.get("suite_seed", 0), cache_dir=cache_dir, progress=suite_progress)
-    warm_up_umap()
+        warm_up_in_background()
+    suite = get_suite(spec["suite"], seed=spec.get("suite_seed", 0), cache_dir=cache_dir, progress=progress)
     if kind == "suite":
         return {"suite": suite.name, "fingerprint": suite.fingerprint}
     if kind == "sweep":
