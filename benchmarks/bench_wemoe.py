@@ -1,6 +1,6 @@
 """WEMoE inference costs: batched MoE vs the per-sample reference, WEMoE vs a static merge, parameter counts.
 
-    .venv/bin/python benchmarks/bench_wemoe.py --suite micro [--images 192] [--batch-size 64] [--threads 1]
+    .venv/bin/python benchmarks/bench_wemoe.py --suite micro [--images 192] [--batch-size 64] [--threads 1] [--device cuda]
 
 Prints markdown tables. The per-sample path is the reference of ``tests/test_wemoe.py`` (W(x) built
 for each sample, then a functional MLP: the original code's loop); the batched path is what ``wemoe``
@@ -37,14 +37,27 @@ def reference_mlp():
 
 @torch.no_grad()
 def throughput(model, images: torch.Tensor, task: str, batch_size: int, repeats: int) -> tuple[float, torch.Tensor]:
-    """Best-of-``repeats`` images per second, and the logits."""
+    """Best-of-``repeats`` images per second, and the logits (CUDA work is synchronised before each clock read)."""
     model.logits(images[:batch_size], task)
     best = float("inf")
     for _ in range(repeats):
+        sync(images.device)
         t0 = time.perf_counter()
         out = torch.cat([model.logits(images[i : i + batch_size], task) for i in range(0, len(images), batch_size)])
+        sync(images.device)
         best = min(best, time.perf_counter() - t0)
     return len(images) / best, out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
 
 
 def nonzero(model) -> int:
@@ -59,21 +72,22 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     suite = get_suite(args.suite, cache_dir=args.cache_dir)
     task = suite.tasks[0]
     per_task = -(-args.images // len(suite.tasks))
-    images = torch.cat([suite.data[t].preprocess(suite.data[t].test_images[:per_task]) for t in suite.tasks])[: args.images]
+    images = torch.cat([suite.data[t].preprocess(suite.data[t].test_images[:per_task]) for t in suite.tasks])[: args.images].to(args.device)
 
     wemoe = get_method("wemoe")
-    model = wemoe.build(suite, make_params(wemoe, {}, "paper")).eval()
+    model = wemoe.build(suite, make_params(wemoe, {}, "paper")).to(args.device).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0.0, 0.5)
-    static = StaticModel(suite.build_encoder(), tv.task_arithmetic(suite.pretrained, list(suite.finetuned.values()), 0.3), suite.tasks, suite.make_heads()).eval()
+    static = StaticModel(suite.build_encoder(), tv.task_arithmetic(suite.pretrained, list(suite.finetuned.values()), 0.3), suite.tasks, suite.make_heads()).to(args.device).eval()
 
     batched_ips, batched = throughput(model, images, task, args.batch_size, args.repeats)
     static_ips, _ = throughput(static, images, task, args.batch_size, args.repeats)
@@ -83,7 +97,7 @@ def main() -> None:
     sample_ips, per_sample = throughput(model, images, task, args.batch_size, args.repeats)
 
     print(f"suite {args.suite} ({len(suite.tasks)} tasks), {len(images)} images, batch {args.batch_size}, "
-          f"{args.threads} thread(s), torch {torch.__version__}, {platform.processor() or platform.machine()}\n")
+          f"{args.threads} thread(s), torch {torch.__version__}, {hardware(args.device)}\n")
     print("| model | img/s | vs static merge |")
     print("|---|---|---|")
     for name, ips in [("static merge (task arithmetic 0.3)", static_ips), ("WEMoE, batched (ours)", batched_ips), ("WEMoE, per-sample W(x) (reference)", sample_ips)]:
