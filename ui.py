@@ -185,6 +185,25 @@ def projected(name: str, configs: dict[str, RunConfig], device: str, n: int, tas
     return joint_projection(sets, method=method, cache_dir=CACHE_DIR)
 
 
+MODEL_COLOURS = {"individual": "#2563eb", "merged": "#dc2626", "merged + Surgery": "#16a34a"}
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def bias_scatter(name: str, configs: dict[str, RunConfig], device: str, n: int, task: str, method: str, shown: tuple[str, ...],
+                 color: str, title: str):
+    """The bias page's scatter, built once per view: plotly express spends ~0.1-0.3 s building it, which a
+    returning visitor would wait for (BENCHMARKS.md, "The dashboard"). Callers must not mutate it."""
+    frame = projected(name, configs, device, n, task, method)
+    rows = frame[frame["model"].isin(shown)].reset_index(drop=True)
+    by_model = color == "model"
+    fig = px.scatter(rows, x="x", y="y", color="model" if by_model else "classname", symbol=None if by_model else "model",
+                     custom_data=["sample", "model"], hover_data=["classname", "predicted_classname", "correct"], height=620,
+                     color_discrete_map=MODEL_COLOURS, title=title)
+    fig.update_traces(marker={"size": 6, "opacity": 0.75})
+    fig.update_layout(dragmode="lasso", legend_title=None, xaxis_title=None, yaxis_title=None)
+    return fig
+
+
 @st.cache_data(show_spinner="Measuring the bias...", max_entries=16)
 def bias_metrics(name: str, configs: dict[str, RunConfig], device: str, n: int) -> pd.DataFrame:
     """Every task's metrics of each model against the individual model, final feature and every block."""

@@ -16,22 +16,47 @@ st.caption("The merged model's features drift from each individual model's on th
            "One joint projection of all models' features per task keeps positions comparable; Surgery pulls the merged features back.")
 
 BASES = [m for m in ("task_arithmetic", "ties", "weight_averaging", "adamerging") if m in METHODS]
-c1, c2, c3, c4 = st.columns([2, 2, 2, 1])
-base = c1.selectbox("Base merge", BASES, format_func=lambda m: METHODS[m].title, key="bias-base")
-projection = c2.radio("Projection", ["umap", "tsne", "pca"], format_func=str.upper, horizontal=True, key="bias-proj")
-view = c3.radio("Show", ["before Surgery", "after Surgery", "both"], horizontal=True, key="bias-view")
-n = c4.number_input("Samples / task", 60, 1000, 300, step=60, key="bias-n")
+PROJECTIONS = ["umap", "tsne", "pca"]
+VIEWS = {"before Surgery": ["individual", "merged"], "after Surgery": ["individual", "merged + Surgery"],
+         "both": ["individual", "merged", "merged + Surgery"]}
+COLOURS = ["model", "class"]
+controls = st.container()  # the widgets are drawn into it after the scatter, so that the browser starts loading Plotly first
 
+
+def chosen(key: str, options: list):
+    """A widget's value at the start of this run (Session State holds it before the widget is drawn); a value
+    left over from another suite is dropped, so the widget falls back to its first option."""
+    if key in st.session_state and st.session_state[key] not in options:
+        del st.session_state[key]
+    return st.session_state.get(key, options[0])
+
+
+def draw_controls(tasks: list[str] | None = None) -> None:
+    with controls:
+        c1, c2, c3, c4 = st.columns([2, 2, 2, 1])
+        c1.selectbox("Base merge", BASES, format_func=lambda m: METHODS[m].title, key="bias-base")
+        c2.radio("Projection", PROJECTIONS, format_func=str.upper, horizontal=True, key="bias-proj")
+        c3.radio("Show", list(VIEWS), horizontal=True, key="bias-view")
+        c4.number_input("Samples / task", 60, 1000, 300, step=60, key="bias-n")
+        if tasks:
+            c5, c6 = st.columns([2, 5])
+            c5.selectbox("Task", tasks, key="bias-task")
+            c6.radio("Colour by", COLOURS, horizontal=True, key="bias-color")
+
+
+base, projection, view = chosen("bias-base", BASES), chosen("bias-proj", PROJECTIONS), chosen("bias-view", list(VIEWS))
+n = int(st.session_state.get("bias-n", 300))
 configs = {
     "individual": RunConfig(name, "individual"),
     "merged": RunConfig(name, base, preset=preset if METHODS[base].presets else None),
     "merged + Surgery": RunConfig(name, "surgery", {"base": base}, preset=preset),
 }
-features_spec = {"n": int(n), "layers": True, "project": {"task": st.session_state.get("bias-task"), "method": projection}}
+features_spec = {"n": n, "layers": True, "project": {"task": st.session_state.get("bias-task"), "method": projection}}
 spec = {"kind": "runs", "suite": name, "device": device, "features": features_spec,
         "runs": [{"method": c.method, "params": c.params, "preset": c.preset} for c in configs.values()]}
-ready = ui.suite_is_built(name) and ui.bias_ready(name, configs, device, int(n))
+ready = ui.suite_is_built(name) and ui.bias_ready(name, configs, device, n)
 if not ready:
+    draw_controls()
     st.info("Computing: the suite (first visit only), the three runs and their features run in a background job.")
     st.session_state["bias-job"] = ui.start_job(spec)
 
@@ -43,53 +68,60 @@ if not ready:
     progress_panel()
     st.stop()
 
-ui.warm_up_projections()  # only now: while the job runs, numba's compile would slow it (the job fits the first view itself)
 suite = ui.load_suite(name)
-task = st.selectbox("Task", suite.tasks, key="bias-task")
-features = ui.bias_features(name, configs, device, int(n))
-frame = ui.projected(name, configs, device, int(n), task, projection)
-shown = {"before Surgery": ["individual", "merged"], "after Surgery": ["individual", "merged + Surgery"], "both": list(configs)}[view]
-rows = frame[frame["model"].isin(shown)].reset_index(drop=True)
-color = st.radio("Colour by", ["model", "class"], horizontal=True, key="bias-color")
-fig = px.scatter(rows, x="x", y="y", color="model" if color == "model" else "classname", symbol=None if color == "model" else "model",
-                 custom_data=["sample", "model"], hover_data=["classname", "predicted_classname", "correct"], height=620,
-                 color_discrete_map={"individual": "#2563eb", "merged": "#dc2626", "merged + Surgery": "#16a34a"},
-                 title=f"{task}: {projection.upper()} of the final features ({METHODS[base].title}, {view})")
-fig.update_traces(marker={"size": 6, "opacity": 0.75})
-fig.update_layout(dragmode="lasso", legend_title=None, xaxis_title=None, yaxis_title=None)
-event = st.plotly_chart(fig, on_select="rerun", selection_mode=("box", "lasso"), key="bias-scatter", width="stretch")
-ui.download_html(fig, f"{name}_{task}_{projection}_bias.html")
-
-selected = sorted({int(p["customdata"][0]) for p in event.selection.points if p.get("customdata")}) if event and event.selection else []
-if selected:
-    st.markdown(f"**{len(selected)} selected test images** (true label, then each model's prediction)")
-    data = suite.data[task]
-    preds = {m: dict(zip(fs[task].indices.tolist(), fs[task].predictions.tolist(), strict=True)) for m, fs in features.items()}
-    cols = st.columns(8)
-    for i, s in enumerate(selected[:32]):
-        img = np.kron(data.test_images[s].numpy(), np.ones((3, 3, 1), np.uint8))
-        caption = f"#{s} {data.classnames[int(data.test_labels[s])]}\n" + "\n".join(
-            f"{m[:10]}: {data.classnames[preds[m][s]]}{'' if preds[m][s] == int(data.test_labels[s]) else ' ✗'}" for m in configs)
-        cols[i % 8].image(img, caption=caption)
-    if len(selected) > 32:
-        st.caption(f"showing the first 32 of {len(selected)}")
-else:
-    st.caption("Box- or lasso-select points to see their images with the true label and each model's prediction.")
-
-st.subheader("Bias metrics (vs the individual model, final features)")
-metrics = ui.bias_metrics(name, configs, device, int(n))
+task, color = chosen("bias-task", suite.tasks), chosen("bias-color", COLOURS)
+# Lazy tabs (only the open one runs and is sent): a returning visitor's scatter is not kept waiting by the
+# metrics table's and the per-layer chart's scripts in the browser (BENCHMARKS.md, "The dashboard")
+tab_projection, tab_metrics, tab_layers = st.tabs(["Projection", "Bias metrics", "Bias per layer"], key="bias-tab", on_change="rerun")
+if tab_projection.open:
+    with tab_projection:
+        fig = ui.bias_scatter(name, configs, device, n, task, projection, tuple(VIEWS[view]), color,
+                              title=f"{task}: {projection.upper()} of the final features ({METHODS[base].title}, {view})")
+        event = st.plotly_chart(fig, on_select="rerun", selection_mode=("box", "lasso"), key="bias-scatter", width="stretch")
+draw_controls(suite.tasks)
+ui.warm_up_projections()  # only now: while the job runs, numba's compile would slow it (the job fits the first view itself)
+features = ui.bias_features(name, configs, device, n)
+metrics = ui.bias_metrics(name, configs, device, n)
 final = metrics[(metrics["layer"] == "final") & (metrics["model"] != "individual")]
-table = final.pivot_table(index=["task", "model"], columns="metric", values="value", sort=False)
-cols = [c for c in ("l1", "l2", "cosine", "cka", "knn_overlap", "accuracy") if c in table.columns]
-st.dataframe(table[cols].style.format("{:.3f}"), width="stretch")
-ui.download_csv(table[cols], f"{name}_bias_metrics.csv")
 l1 = final[final["metric"] == "l1"].pivot_table(index="task", columns="model", values="value", sort=False)
-if {"merged", "merged + Surgery"} <= set(l1.columns):
-    drop = 100 * (1 - l1["merged + Surgery"] / l1["merged"])
-    st.caption("Surgery lowers the mean L1 bias by " + ", ".join(f"{t} {d:.0f} %" for t, d in drop.items()))
+drop = 100 * (1 - l1["merged + Surgery"] / l1["merged"]) if {"merged", "merged + Surgery"} <= set(l1.columns) else None
 
-st.subheader("Bias per layer")
-layered = metrics[(metrics["metric"] == "l1") & (metrics["model"] != "individual") & (metrics["task"] == task)]
-st.plotly_chart(px.line(layered, x="layer", y="value", color="model", markers=True, labels={"value": "mean L1 to individual"},
-                        color_discrete_map={"merged": "#dc2626", "merged + Surgery": "#16a34a"}, title=f"{task}: mean L1 distance per block"),
-                width="stretch")
+
+def surgery_summary() -> None:
+    if drop is not None:
+        st.caption("Surgery lowers the mean L1 bias of the final features by " + ", ".join(f"{t} {d:.0f} %" for t, d in drop.items()))
+
+
+if tab_projection.open:
+    with tab_projection:
+        ui.download_html(fig, f"{name}_{task}_{projection}_bias.html")
+        surgery_summary()
+        selected = sorted({int(p["customdata"][0]) for p in event.selection.points if p.get("customdata")}) if event and event.selection else []
+        if selected:
+            st.markdown(f"**{len(selected)} selected test images** (true label, then each model's prediction)")
+            data = suite.data[task]
+            preds = {m: dict(zip(fs[task].indices.tolist(), fs[task].predictions.tolist(), strict=True)) for m, fs in features.items()}
+            cols = st.columns(8)
+            for i, s in enumerate(selected[:32]):
+                img = np.kron(data.test_images[s].numpy(), np.ones((3, 3, 1), np.uint8))
+                caption = f"#{s} {data.classnames[int(data.test_labels[s])]}\n" + "\n".join(
+                    f"{m[:10]}: {data.classnames[preds[m][s]]}{'' if preds[m][s] == int(data.test_labels[s]) else ' ✗'}" for m in configs)
+                cols[i % 8].image(img, caption=caption)
+            if len(selected) > 32:
+                st.caption(f"showing the first 32 of {len(selected)}")
+        else:
+            st.caption("Box- or lasso-select points to see their images with the true label and each model's prediction.")
+if tab_metrics.open:
+    with tab_metrics:
+        st.markdown("**Every task's bias against the individual model, final features**")
+        surgery_summary()
+        table = final.pivot_table(index=["task", "model"], columns="metric", values="value", sort=False)
+        cols = [c for c in ("l1", "l2", "cosine", "cka", "knn_overlap", "accuracy") if c in table.columns]
+        st.dataframe(table[cols].style.format("{:.3f}"), width="stretch")
+        ui.download_csv(table[cols], f"{name}_bias_metrics.csv")
+if tab_layers.open:
+    with tab_layers:
+        layered = metrics[(metrics["metric"] == "l1") & (metrics["model"] != "individual") & (metrics["task"] == task)]
+        st.plotly_chart(px.line(layered, x="layer", y="value", color="model", markers=True, labels={"value": "mean L1 to individual"},
+                                color_discrete_map=ui.MODEL_COLOURS, title=f"{task}: mean L1 distance per block (vs the individual model)"),
+                        width="stretch")

@@ -99,3 +99,60 @@ def test_method_comparison_page_shows_routing_filter_and_cross_task(app_cache, m
     matrix = cross_task_matrix(load_model(tint, micro_suite, app_cache), micro_suite, device="cpu")
     for t in micro_suite.tasks:
         assert matrix.loc[t, t] == pytest.approx(tint["accuracy"][t])
+
+
+@pytest.fixture(scope="module")
+def bias_cache(app_cache):
+    """The bias view's three runs and their features, as the page's background job leaves them."""
+    from merging import jobs
+
+    spec = {"kind": "runs", "suite": "micro", "device": "cpu", "features": {"n": 300, "layers": True},
+            "runs": [{"method": "individual"}, {"method": "task_arithmetic"}, {"method": "surgery", "params": {"base": "task_arithmetic"}, "preset": "fast"}]}
+    jobs.execute(spec, app_cache, lambda f, m: None)
+    return app_cache
+
+
+def _traces(chart) -> set[str]:
+    import json
+
+    return {t.get("name") for t in json.loads(chart.proto.spec)["data"]}
+
+
+def test_representation_bias_page_scatter_views_metrics_and_layers(bias_cache, micro_suite):
+    at = _page("app_pages/representation_bias.py")
+    at.session_state["bias-proj"] = "pca"
+    at.run()
+    assert not at.exception, at.exception
+    scatter = at.get("plotly_chart")[0]
+    assert _traces(scatter) == {"individual", "merged"}  # "before Surgery" is the default view
+    assert "PCA" in scatter.proto.spec
+    # the metrics table holds the library's numbers
+    from merging.metrics import bias_table
+    from merging.representations import run_features
+
+    results = {label: run(RunConfig("micro", m, p, preset=preset), micro_suite, cache_dir=bias_cache, device="cpu")
+               for label, m, p, preset in [("individual", "individual", {}, None), ("merged", "task_arithmetic", {}, None),
+                                           ("merged + Surgery", "surgery", {"base": "task_arithmetic"}, "fast")]}
+    task = micro_suite.tasks[0]
+    sets = {label: run_features(r, micro_suite, n=300, layers=True, cache_dir=bias_cache)[task] for label, r in results.items()}
+    expected = bias_table(sets, "individual", layers=sets["individual"].layers)
+    l1 = expected[(expected["layer"] == "final") & (expected["metric"] == "l1")].set_index("model")["value"]
+    assert any("Surgery lowers the mean L1 bias" in c.value for c in at.caption)
+    assert not at.dataframe  # the metrics table's tab is lazy: closed, nothing of it is sent
+    # widgets change what is shown: the after-Surgery view, then each lazily drawn tab
+    at.radio(key="bias-view").set_value("after Surgery").run()
+    assert _traces(at.get("plotly_chart")[0]) == {"individual", "merged + Surgery"}
+    at.session_state["bias-tab"] = "Bias metrics"
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.get("plotly_chart")
+    table = at.dataframe[0].value
+    assert table.loc[(task, "merged"), "l1"] == pytest.approx(l1["merged"])
+    assert table.loc[(task, "merged + Surgery"), "l1"] == pytest.approx(l1["merged + Surgery"])
+    assert l1["merged + Surgery"] < l1["merged"]
+    at.session_state["bias-tab"] = "Bias per layer"
+    at.run()
+    assert not at.exception, at.exception
+    charts = at.get("plotly_chart")
+    assert len(charts) == 1 and not at.dataframe
+    assert _traces(charts[0]) == {"merged", "merged + Surgery"}

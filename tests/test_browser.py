@@ -124,6 +124,10 @@ def test_representation_bias_lasso_shows_images(server, page, bias_ready):
     wait_idle(page)
     shot(page, "bias_selection")
     assert page.locator("[data-testid='stImage']").count() > 0
+    page.get_by_role("tab", name="Bias metrics").click()  # a lazy tab: its table is computed and sent on opening
+    page.locator("[data-testid='stDataFrame']").first.wait_for(timeout=60_000)
+    wait_idle(page)
+    shot(page, "bias_metrics_tab")
     t1 = time.perf_counter()
     open_page(page, server, "representation_bias")
     page.locator("[data-testid='stPlotlyChart']").first.wait_for(timeout=60_000)
