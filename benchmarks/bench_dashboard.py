@@ -13,6 +13,7 @@ navigation until the before/after-Surgery scatter is drawn.
 - the same in a new tab of an off-the-record browser context that loaded the page once before (the way
   earlier versions of this bench measured a second visit: HTTP cache warm, no compiled-script cache);
 - a fresh off-the-record context (empty browser caches);
+- the page opened again in the tab that shows it (how ``tests/test_browser.py`` times its second visit);
 - coming back from another page of the app through the sidebar (no page load: the way a user in the app returns).
 """
 
@@ -51,15 +52,33 @@ def visit(context, url: str, settle: float, screenshot: str | None = None) -> fl
     return seconds
 
 
+SCATTER = ".js-plotly-plot .gtitle:has-text('of the final features')"
+
+
+def same_tab_return(context, url: str, settle: float) -> float:
+    """Seconds from opening the page again in the tab that shows it (the browser test's second visit) until the scatter is drawn."""
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector(IDLE, timeout=300_000)
+    page.locator(SCATTER).first.wait_for(timeout=300_000)
+    time.sleep(settle)
+    t0 = time.perf_counter()
+    page.goto(url, wait_until="commit")
+    page.locator(SCATTER).first.wait_for(timeout=300_000)
+    seconds = time.perf_counter() - t0
+    page.close()
+    return seconds
+
+
 def sidebar_return(context, url: str) -> float:
     """Seconds from clicking "Representation bias" in the sidebar of the Overview page until the scatter is drawn."""
     page = context.new_page()
     page.goto(url)
     page.wait_for_selector(IDLE, timeout=300_000)
-    page.locator("[data-testid='stPlotlyChart']").first.wait_for(timeout=300_000)  # the Overview's bars: Plotly is loaded
+    page.locator(CHART).first.wait_for(timeout=300_000)  # the Overview's bars: Plotly is loaded
     t0 = time.perf_counter()
     page.get_by_role("link", name="Representation bias").click()
-    page.locator(f"{CHART} .scatterlayer").first.wait_for(timeout=300_000)
+    page.locator(SCATTER).first.wait_for(timeout=300_000)
     seconds = time.perf_counter() - t0
     page.close()
     return seconds
@@ -83,6 +102,7 @@ def main() -> None:
                                                        args=CHROMIUM_ARGS, viewport=VIEWPORT)
         first = visit(profile, bias, args.settle, args.screenshot)
         returns = [visit(profile, bias, args.settle) for _ in range(args.returns)]
+        same_tab = [same_tab_return(profile, bias, args.settle) for _ in range(args.returns)]
         back = sidebar_return(profile, url)
         profile.close()
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -96,6 +116,7 @@ def main() -> None:
 
     print(f"| Representation-bias page, {args.suite}, empty cache -> UMAP drawn (first visit) | {first:.1f} s |")
     print(f"| same page, second visit (new tab, same browser profile) | {fmt(returns)} |")
+    print(f"| same page, opened again in the tab that shows it (the browser test's second visit) | {fmt(same_tab)} |")
     print(f"| same page, back from the Overview through the sidebar | {back:.2f} s |")
     print(f"| same page, new off-the-record browser context (empty browser caches) | {fresh:.2f} s |")
     print(f"| same page, new tab of that context (HTTP cache warm, no compiled-script cache) | {fmt(otr_returns)} |")
