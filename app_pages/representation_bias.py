@@ -80,7 +80,6 @@ if tab_projection.open:
         event = st.plotly_chart(fig, on_select="rerun", selection_mode=("box", "lasso"), key="bias-scatter", width="stretch")
 draw_controls(suite.tasks)
 ui.warm_up_projections()  # only now: while the job runs, numba's compile would slow it (the job fits the first view itself)
-features = ui.bias_features(name, configs, device, n)
 metrics = ui.bias_metrics(name, configs, device, n)
 final = metrics[(metrics["layer"] == "final") & (metrics["model"] != "individual")]
 l1 = final[final["metric"] == "l1"].pivot_table(index="task", columns="model", values="value", sort=False)
@@ -99,7 +98,7 @@ if tab_projection.open:
         selected = sorted({int(p["customdata"][0]) for p in event.selection.points if p.get("customdata")}) if event and event.selection else []
         if selected:
             st.markdown(f"**{len(selected)} selected test images** (true label, then each model's prediction)")
-            data = suite.data[task]
+            data, features = suite.data[task], ui.bias_features(name, configs, device, n)
             preds = {m: dict(zip(fs[task].indices.tolist(), fs[task].predictions.tolist(), strict=True)) for m, fs in features.items()}
             cols = st.columns(8)
             for i, s in enumerate(selected[:32]):
