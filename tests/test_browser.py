@@ -122,6 +122,7 @@ def test_representation_bias_lasso_shows_images(server, page, bias_ready):
     page.get_by_text("selected test images").wait_for(timeout=60_000)
     page.locator("[data-testid='stImage']").first.wait_for(timeout=60_000)
     wait_idle(page)
+    page.locator("[data-testid='stImage']").first.scroll_into_view_if_needed()
     shot(page, "bias_selection")
     assert page.locator("[data-testid='stImage']").count() > 0
     page.get_by_role("tab", name="Bias metrics").click()  # a lazy tab: its table is computed and sent on opening
