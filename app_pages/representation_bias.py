@@ -103,7 +103,7 @@ if tab_projection.open:
             cols = st.columns(8)
             for i, s in enumerate(selected[:32]):
                 img = np.kron(data.test_images[s].numpy(), np.ones((3, 3, 1), np.uint8))
-                caption = f"#{s} {data.classnames[int(data.test_labels[s])]}\n" + "\n".join(
+                caption = f"#{s} **{data.classnames[int(data.test_labels[s])]}**  \n" + "  \n".join(
                     f"{m[:10]}: {data.classnames[preds[m][s]]}{'' if preds[m][s] == int(data.test_labels[s]) else ' ✗'}" for m in configs)
                 cols[i % 8].image(img, caption=caption)
             if len(selected) > 32:
