@@ -55,12 +55,18 @@ def visit(context, url: str, settle: float, screenshot: str | None = None) -> fl
 SCATTER = ".js-plotly-plot .gtitle:has-text('of the final features')"
 
 
-def same_tab_return(context, url: str, settle: float) -> float:
-    """Seconds from opening the page again in the tab that shows it (the browser test's second visit) until the scatter is drawn."""
+def opened(context, url: str):
+    """A new tab showing ``url`` with its script finished and a Plotly chart drawn."""
     page = context.new_page()
     page.goto(url)
     page.wait_for_selector(IDLE, timeout=300_000)
-    page.locator(SCATTER).first.wait_for(timeout=300_000)
+    page.locator(CHART).first.wait_for(timeout=300_000)
+    return page
+
+
+def same_tab_return(context, url: str, settle: float) -> float:
+    """Seconds from opening the page again in the tab that shows it (the browser test's second visit) until the scatter is drawn."""
+    page = opened(context, url)
     time.sleep(settle)
     t0 = time.perf_counter()
     page.goto(url, wait_until="commit")
@@ -72,10 +78,7 @@ def same_tab_return(context, url: str, settle: float) -> float:
 
 def sidebar_return(context, url: str) -> float:
     """Seconds from clicking "Representation bias" in the sidebar of the Overview page until the scatter is drawn."""
-    page = context.new_page()
-    page.goto(url)
-    page.wait_for_selector(IDLE, timeout=300_000)
-    page.locator(CHART).first.wait_for(timeout=300_000)  # the Overview's bars: Plotly is loaded
+    page = opened(context, url)  # the Overview, its bars drawn: Plotly is loaded
     t0 = time.perf_counter()
     page.get_by_role("link", name="Representation bias").click()
     page.locator(SCATTER).first.wait_for(timeout=300_000)
