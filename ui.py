@@ -104,8 +104,9 @@ def job_progress(jid: str | None, label: str) -> str | None:
 
 
 def start_job(spec: dict) -> str | None:
+    """Pages call this only when the job's outputs are missing, so a finished record is stale and the job reruns."""
     try:
-        return jobs.start(spec, CACHE_DIR)
+        return jobs.start(spec, CACHE_DIR, restart_done=True)
     except MergeLensError as e:
         st.error(str(e))
         return None

@@ -61,13 +61,18 @@ def _alive(pid: int | None) -> bool:
         return True
 
 
-def start(spec: dict, cache_dir: str | Path = "cache", restart_failed: bool = True) -> str:
-    """Start the job for ``spec`` unless the same job is already queued, running or done; returns its id."""
+def start(spec: dict, cache_dir: str | Path = "cache", restart_failed: bool = True, restart_done: bool = False) -> str:
+    """Start the job for ``spec`` unless the same job is already queued, running or done; returns its id.
+
+    ``restart_done``: the caller found the job's outputs missing, so a ``done`` record is stale (the suite was
+    rebuilt from a new recipe, or part of ``cache/`` was deleted) and the job runs again instead of being
+    reported done forever. Its cached parts are read back, so a re-run only computes what is missing.
+    """
     validate_spec(spec)
     jid = job_id(spec)
     folder = job_dir(cache_dir, jid)
     status = read_status(cache_dir, jid)
-    if status and (status["state"] in ACTIVE or status["state"] == "done"):
+    if status and (status["state"] in ACTIVE or (status["state"] == "done" and not restart_done)):
         return jid
     if status and status["state"] in ("error", "cancelled") and not restart_failed:
         return jid

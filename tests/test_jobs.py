@@ -30,6 +30,26 @@ def test_same_spec_is_one_job_and_its_result_is_a_cached_run(micro_suite, micro_
     assert jobs.start(spec, micro_cache) == first and jobs.read_status(micro_cache, first)["state"] == "done"
 
 
+def test_a_done_job_whose_outputs_are_gone_reruns_when_the_caller_says_so(micro_suite, micro_cache):
+    """A page that finds a finished job's outputs missing (suite rebuilt from a new recipe, cache partly deleted)
+    must get them recomputed, not a 'done' it would wait on forever."""
+    import shutil
+
+    spec = {"kind": "runs", "suite": "micro", "device": "cpu", "runs": [{"method": "ties", "params": {"density": 0.45}}]}
+    config = RunConfig("micro", "ties", {"density": 0.45})
+    jid = jobs.start(spec, micro_cache)
+    first = _wait(micro_cache, jid, ("done", "error"))
+    assert first["state"] == "done", first
+    key = cached_result(config, micro_suite, micro_cache, "cpu")["key"]
+    shutil.rmtree(micro_cache / "runs" / key)
+    assert cached_result(config, micro_suite, micro_cache, "cpu") is None
+    assert jobs.start(spec, micro_cache) == jid and jobs.read_status(micro_cache, jid)["pid"] == first["pid"]  # still "done"
+    assert jobs.start(spec, micro_cache, restart_done=True) == jid
+    second = _wait(micro_cache, jid, ("done", "error"))
+    assert second["state"] == "done" and second["pid"] != first["pid"], second
+    assert cached_result(config, micro_suite, micro_cache, "cpu")["key"] == key
+
+
 def test_cancel_stops_the_worker_and_leaves_no_result(micro_suite, micro_cache):
     spec = {"kind": "runs", "suite": "micro", "device": "cpu", "runs": [{"method": "surgery", "params": {"iterations": 100000}, "preset": "fast"}]}
     jid = jobs.start(spec, micro_cache)
