@@ -34,6 +34,7 @@ from app_server import CHROMIUM, CHROMIUM_ARGS, serve  # noqa: E402
 VIEWPORT = {"width": 1400, "height": 1000}
 CHART = "[data-testid='stPlotlyChart']"
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+SCATTER = ".js-plotly-plot .gtitle:has-text('of the final features')"
 
 
 def visit(context, url: str, settle: float, screenshot: str | None = None) -> float:
@@ -50,9 +51,6 @@ def visit(context, url: str, settle: float, screenshot: str | None = None) -> fl
     page.close()
     time.sleep(settle)
     return seconds
-
-
-SCATTER = ".js-plotly-plot .gtitle:has-text('of the final features')"
 
 
 def opened(context, url: str):

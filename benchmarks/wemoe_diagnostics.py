@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from merging.adaptation import entropy  # noqa: E402
 from merging.methods import get_method, make_params  # noqa: E402
 from merging.methods.base import RunContext  # noqa: E402
 from merging.methods.wemoe import WEMoEModel  # noqa: E402
@@ -33,17 +34,16 @@ from merging.suites import get_suite  # noqa: E402
 @torch.no_grad()
 def accuracy_and_entropy(model: WEMoEModel, suite, route=None) -> tuple[list[float], list[float]]:
     """Per task: test accuracy (%) and mean prediction entropy; ``route(k)`` fixes every block's routing for task k."""
-    accuracy, entropy = [], []
+    accuracy, entropies = [], []
     for k, task in enumerate(suite.tasks):
         if route is not None:
             for layer in model.moe_layers():
                 layer.router.constant.copy_(route(k))
         data = suite.data[task]
         logits = model.logits(data.preprocess(data.test_images), task)
-        logp = logits.log_softmax(-1)
         accuracy.append(100 * (logits.argmax(-1) == data.test_labels).float().mean().item())
-        entropy.append(-(logp.exp() * logp).sum(-1).mean().item())
-    return accuracy, entropy
+        entropies.append(entropy(logits).item())
+    return accuracy, entropies
 
 
 def row(name: str, accuracy: list[float], entropy: list[float]) -> str:
@@ -62,21 +62,25 @@ def main() -> None:
     fixed = method.build(suite, make_params(method, {"router_depth": 0}, "fast")).eval()
     n = len(suite.tasks)
 
-    def own(c: float, rest: float = 0.0):
-        return lambda k: torch.full((n,), rest).index_fill(0, torch.tensor([k]), c)
+    def routing(rest: float, expert: int | None = None, weight: float = 0.0) -> torch.Tensor:
+        """``rest`` on every expert, ``weight`` on ``expert``."""
+        r = torch.full((n,), rest)
+        if expert is not None:
+            r[expert] = weight
+        return r
 
     print("| routing (fixed per evaluated task) | " + " | ".join(suite.tasks) + " | avg | summed entropy |")
     print("|" + "---|" * (n + 3))
-    print(row("task arithmetic (all 0.3)", *accuracy_and_entropy(fixed, suite, lambda k: torch.full((n,), 0.3))))
+    base_acc, base_ent = accuracy_and_entropy(fixed, suite, lambda k: routing(0.3))
+    print(row("task arithmetic (all 0.3)", base_acc, base_ent))
     for c in (0.5, 1.0, 1.5):
-        print(row(f"all {c}", *accuracy_and_entropy(fixed, suite, lambda k, c=c: torch.full((n,), c))))
+        print(row(f"all {c}", *accuracy_and_entropy(fixed, suite, lambda k, c=c: routing(c))))
     for c in (1.0, 1.5, 2.0):
-        print(row(f"oracle: own {c}, others 0", *accuracy_and_entropy(fixed, suite, own(c))))
+        print(row(f"oracle: own {c}, others 0", *accuracy_and_entropy(fixed, suite, lambda k, c=c: routing(0.0, k, c))))
 
-    base_acc, base_ent = accuracy_and_entropy(fixed, suite, lambda k: torch.full((n,), 0.3))
     d_acc, d_ent = torch.zeros(n, n), torch.zeros(n, n)
     for j in range(n):
-        acc, ent = accuracy_and_entropy(fixed, suite, lambda k, j=j: torch.full((n,), 0.3).index_fill(0, torch.tensor([j]), 1.3))
+        acc, ent = accuracy_and_entropy(fixed, suite, lambda k, j=j: routing(0.3, j, 1.3))
         d_acc[:, j] = torch.tensor(acc) - torch.tensor(base_acc)
         d_ent[:, j] = torch.tensor(ent) - torch.tensor(base_ent)
     off = ~torch.eye(n, dtype=torch.bool)
@@ -89,8 +93,8 @@ def main() -> None:
     print("|" + "---|" * (n + 3))
     for steps in args.steps:
         params = make_params(method, {"steps": steps, "lr": args.lr}, "fast")
+        torch.manual_seed(0)  # before the build: it draws the routers' initial weights
         model = method.build(suite, params)
-        torch.manual_seed(0)
         t0 = time.perf_counter()
         method.adapt(model, suite, params, RunContext(seed=0, device="cpu", progress=None))
         print(row(f"{steps} steps ({time.perf_counter() - t0:.0f} s)", *accuracy_and_entropy(model.eval(), suite)))
