@@ -85,21 +85,14 @@ def sidebar_return(context, url: str) -> float:
     return seconds
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--suite", default="mini8")
-    ap.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder")
-    ap.add_argument("--screenshot", default=None, help="save the first view here (PNG)")
-    ap.add_argument("--returns", type=int, default=3, help="how many second visits to time")
-    ap.add_argument("--settle", type=float, default=5.0, help="seconds between leaving the page and coming back")
-    args = ap.parse_args()
+def measure(cache: Path, profile_dir: Path, args: argparse.Namespace) -> tuple:
+    """Every timing of one benchmark run; the scratch folders are the caller's to remove."""
     from playwright.sync_api import sync_playwright
 
-    cache = Path(args.cache_dir or tempfile.mkdtemp(prefix="mergelens-bench-"))
     env = {"MERGELENS_CACHE": str(cache), "MERGELENS_DEFAULT_SUITE": args.suite}
     with serve(env, timeout=120) as url, sync_playwright() as p:
         bias = f"{url}/representation_bias"
-        profile = p.chromium.launch_persistent_context(tempfile.mkdtemp(prefix="mergelens-profile-"), executable_path=CHROMIUM,
+        profile = p.chromium.launch_persistent_context(str(profile_dir), executable_path=CHROMIUM,
                                                        args=CHROMIUM_ARGS, viewport=VIEWPORT)
         first = visit(profile, bias, args.settle, args.screenshot)
         returns = [visit(profile, bias, args.settle) for _ in range(args.returns)]
@@ -111,6 +104,21 @@ def main() -> None:
         fresh = visit(otr, bias, args.settle)
         otr_returns = [visit(otr, bias, args.settle) for _ in range(args.returns)]
         browser.close()
+    return first, returns, same_tab, back, fresh, otr_returns
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--suite", default="mini8")
+    ap.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder")
+    ap.add_argument("--screenshot", default=None, help="save the first view here (PNG)")
+    ap.add_argument("--returns", type=int, default=3, help="how many second visits to time")
+    ap.add_argument("--settle", type=float, default=5.0, help="seconds between leaving the page and coming back")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mergelens-bench-") as scratch:
+        cache = Path(args.cache_dir or Path(scratch) / "cache")
+        timings = measure(cache, Path(scratch) / "profile", args)
+    first, returns, same_tab, back, fresh, otr_returns = timings
 
     def fmt(xs: list[float]) -> str:
         return f"median {statistics.median(xs):.2f} s ({', '.join(f'{x:.2f}' for x in xs)})"
