@@ -20,22 +20,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from merging.adaptation import entropy  # noqa: E402
+from wemoe_diagnostics import accuracy_and_entropy  # noqa: E402  (this folder, first on sys.path)
+
 from merging.methods import get_method, make_params  # noqa: E402
 from merging.methods.base import RunContext  # noqa: E402
 from merging.suites import get_suite  # noqa: E402
 
 
-@torch.no_grad()
 def score(model, suite) -> tuple[float, float]:
     """Mean test accuracy (%) over tasks and the summed mean entropy of the heads (the training objective)."""
-    accuracy, summed = 0.0, 0.0
-    for task in suite.tasks:
-        data = suite.data[task]
-        logits = model.logits(data.preprocess(data.test_images), task)
-        accuracy += 100 * (logits.argmax(-1) == data.test_labels).float().mean().item() / len(suite.tasks)
-        summed += entropy(logits).item()
-    return accuracy, summed
+    accuracy, entropies = accuracy_and_entropy(model, suite)
+    return sum(accuracy) / len(accuracy), sum(entropies)
 
 
 def trajectory(name: str, suite, preset: str, points: int) -> list[tuple[int, float, float]]:
