@@ -85,7 +85,7 @@ def sidebar_return(context, url: str) -> float:
     return seconds
 
 
-def measure(cache: Path, profile_dir: Path, args: argparse.Namespace) -> tuple:
+def measure(cache: Path, profile_dir: Path, args: argparse.Namespace) -> tuple[float, list[float], list[float], float, float, list[float]]:
     """Every timing of one benchmark run; the scratch folders are the caller's to remove."""
     from playwright.sync_api import sync_playwright
 
@@ -117,8 +117,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="mergelens-bench-") as scratch:
         cache = Path(args.cache_dir or Path(scratch) / "cache")
-        timings = measure(cache, Path(scratch) / "profile", args)
-    first, returns, same_tab, back, fresh, otr_returns = timings
+        first, returns, same_tab, back, fresh, otr_returns = measure(cache, Path(scratch) / "profile", args)
 
     def fmt(xs: list[float]) -> str:
         return f"median {statistics.median(xs):.2f} s ({', '.join(f'{x:.2f}' for x in xs)})"
