@@ -27,13 +27,14 @@ sys.path.insert(0, str(ROOT))
 from merging.adaptation import entropy  # noqa: E402
 from merging.methods import get_method, make_params  # noqa: E402
 from merging.methods.base import RunContext  # noqa: E402
-from merging.methods.wemoe import WEMoEModel  # noqa: E402
+from merging.model import MultiTaskModel  # noqa: E402
 from merging.suites import get_suite  # noqa: E402
 
 
 @torch.no_grad()
-def accuracy_and_entropy(model: WEMoEModel, suite, route=None) -> tuple[list[float], list[float]]:
-    """Per task: test accuracy (%) and mean prediction entropy; ``route(k)`` fixes every block's routing for task k."""
+def accuracy_and_entropy(model: MultiTaskModel, suite, route=None) -> tuple[list[float], list[float]]:
+    """Per task: test accuracy (%) and mean prediction entropy of any multi-task model (``tta_trajectory.py`` passes
+    AdaMerging too); ``route(k)``, for a WEMoE with constant routers, fixes every block's routing for task k."""
     accuracy, entropies = [], []
     for k, task in enumerate(suite.tasks):
         if route is not None:
