@@ -10,16 +10,18 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from merging import jobs
+from merging import artifacts, jobs
 from merging.device import default_device, default_preset
 from merging.errors import MergeLensError
 from merging.runs import RunConfig, cached_result
-from merging.suites import Suite, get_suite, list_suites
-from merging.suites.mini8 import suite_dir
+from merging.suites import Suite, get_suite, is_built, list_suites
 
 CACHE_DIR = Path(os.environ.get("MERGELENS_CACHE", Path(__file__).resolve().parent / "cache"))
+SUITE_CONFIGS = Path(__file__).resolve().parent / "suite_configs"
+"""The folder the app scans for suite config files (``*.yaml``, ``*.yml``, ``*.toml``), besides ``MERGELENS_SUITES``."""
 POLL_SECONDS = 3.0
-"""How often a page polls its job: each poll costs the server ~0.2 CPU-s that the job's worker would use."""
+"""How often a page polls a queued or running job: each poll costs the server ~0.2 CPU-s that the job's worker
+would use. Nothing polls when no job runs (BENCHMARKS.md, "The idle server")."""
 
 
 def sidebar() -> dict:
@@ -31,7 +33,7 @@ def sidebar() -> dict:
             names.append(default)
         suite = st.selectbox("Suite", names, index=names.index(default), key="suite",
                              help="mini8: the built-in 8-task suite; micro: 3 tasks, for a quick look; or a suite config file "
-                                  "(see README, 'Your own checkpoints') listed in MERGELENS_SUITES or found in suites/")
+                                  "(see README, 'Your own checkpoints') listed in MERGELENS_SUITES or found in suite_configs/")
         device = default_device()
         st.caption(f"Device: **{device}**" + ("" if device == "cuda" else " (no GPU found)"))
         presets = ["fast", "paper"]
@@ -41,27 +43,32 @@ def sidebar() -> dict:
     return {"suite": suite, "device": device, "preset": preset}
 
 
-@st.fragment(run_every=5.0)
 def running_jobs_panel() -> None:
-    active = jobs.list_jobs(CACHE_DIR, active_only=True)
-    if active:
+    """Every session's queued or running jobs; it polls only while there are some, then reruns the page once."""
+    if not jobs.list_jobs(CACHE_DIR, active_only=True):
+        return
+
+    @st.fragment(run_every=5.0)
+    def panel() -> None:
+        active = jobs.list_jobs(CACHE_DIR, active_only=True)
+        if not active:
+            st.rerun(scope="app")
         st.markdown("**Running jobs**")
         for j in active:
             st.progress(j.get("progress", 0.0), text=f"{j['id'].split('-')[0]}: {j.get('message', '')}"[:80])
 
+    panel()
+
 
 def config_suites() -> list[str]:
-    """Suite config files the user points the app at: ``MERGELENS_SUITES`` (os.pathsep-separated) and ``suites/*.yaml``."""
+    """Suite config files the user points the app at: ``MERGELENS_SUITES`` (os.pathsep-separated) and ``suite_configs/``."""
     listed = [p for p in os.environ.get("MERGELENS_SUITES", "").split(os.pathsep) if p]
-    found = sorted(str(p) for p in (Path(__file__).resolve().parent / "suites").glob("*.y*ml"))
+    found = sorted(str(p) for p in SUITE_CONFIGS.glob("*") if p.suffix in (".yaml", ".yml", ".toml"))
     return list(dict.fromkeys(listed + found))
 
 
 def suite_is_built(name: str) -> bool:
-    """Built-in suites are built once into the cache; a config suite reads its files directly."""
-    if name not in list_suites():
-        return True
-    return (suite_dir(name, 0, CACHE_DIR) / "manifest.json").is_file()
+    return is_built(name, cache_dir=CACHE_DIR)
 
 
 def require_suite(name: str) -> Suite:
@@ -82,10 +89,8 @@ def cached_results(suite: Suite, configs: dict[str, RunConfig], device: str) -> 
     return {label: cached_result(c, suite, CACHE_DIR, device) for label, c in configs.items()}
 
 
-def job_progress(jid: str | None, label: str) -> str | None:
-    """Draw a job's progress (a polling fragment does the redraw); returns its state."""
-    if jid is None:
-        return None
+def job_progress(jid: str, label: str) -> str | None:
+    """Draw a job's progress bar and Cancel, or how it ended with a Retry; returns its state."""
     status = jobs.read_status(CACHE_DIR, jid)
     if status is None:
         return None
@@ -95,18 +100,42 @@ def job_progress(jid: str | None, label: str) -> str | None:
         cols[0].progress(status.get("progress", 0.0), text=f"{label}: {status.get('message', '')}")
         if cols[1].button("Cancel", key=f"cancel-{jid}"):
             jobs.cancel(CACHE_DIR, jid)
-            st.rerun()
-    elif state == "error":
-        st.error(f"{label} failed: {status.get('message')}")
-    elif state == "cancelled":
-        st.warning(f"{label} was cancelled.")
+            st.rerun(scope="app")
+    elif state in ("error", "cancelled"):
+        cols = st.columns([5, 1])
+        if state == "error":
+            cols[0].error(f"{label} failed: {status.get('message')}")
+        else:
+            cols[0].warning(f"{label} was cancelled.")
+        if cols[1].button("Retry", key=f"retry-{jid}"):
+            jobs.start(status["spec"], CACHE_DIR)
+            st.rerun(scope="app")
     return state
 
 
-def start_job(spec: dict) -> str | None:
-    """Pages call this only when the job's outputs are missing, so a finished record is stale and the job reruns."""
+def job_panel(jid: str | None, label: str) -> str | None:
+    """A job's progress: a fragment that redraws every ``POLL_SECONDS`` only while the job is queued or running
+    and reruns the page once when it ends; a finished, failed or absent job costs no polling."""
+    if jid is None:
+        return None
+    status = jobs.read_status(CACHE_DIR, jid)
+    if not jobs.is_active(status):
+        return job_progress(jid, label)
+
+    @st.fragment(run_every=POLL_SECONDS)
+    def panel() -> None:
+        if job_progress(jid, label) not in jobs.ACTIVE:
+            st.rerun(scope="app")
+
+    panel()
+    return status["state"]
+
+
+def start_job(job: jobs.Job, automatic: bool = False) -> str | None:
+    """Pages call this only when the job's outputs are missing, so a finished record is stale and the job reruns.
+    ``automatic`` (a page that starts work on opening): a failed job is shown with its Retry, not restarted."""
     try:
-        return jobs.start(spec, CACHE_DIR, restart_done=True)
+        return jobs.start(job, CACHE_DIR, restart_failed=not automatic, restart_done=True)
     except MergeLensError as e:
         st.error(str(e))
         return None
@@ -135,9 +164,7 @@ def routing_samples(_result: dict, suite_name: str, task: str, n: int = 256) -> 
 
 @st.cache_data(show_spinner="Computing the cross-task matrix...", max_entries=32)
 def cross_task(_result: dict, suite_name: str) -> pd.DataFrame:
-    from merging.cross_task import cached_cross_task_matrix
-
-    return cached_cross_task_matrix(_result, load_suite(suite_name), CACHE_DIR)
+    return artifacts.cached_cross_task_matrix(_result, load_suite(suite_name), CACHE_DIR)
 
 
 @st.cache_resource
@@ -154,27 +181,16 @@ def _bias_results(name: str, configs: dict[str, RunConfig], device: str) -> dict
 
 def bias_ready(name: str, configs: dict[str, RunConfig], device: str, n: int) -> bool:
     """Whether every run and every task's features (with blocks) of the bias view are in the cache."""
-    from merging.representations import features_dir, sample_indices
-
     suite = load_suite(name)
     results = _bias_results(name, configs, device)
-    if None in results.values():
-        return False
-    for r in results.values():
-        for t in suite.tasks:
-            folder = features_dir(CACHE_DIR, r["key"], t, sample_indices(suite.data[t].test_labels, n, 0))
-            if not ((folder / "final.safetensors").is_file() and (folder / "blocks.safetensors").is_file()):
-                return False
-    return True
+    return None not in results.values() and all(artifacts.features_cached(r, suite, n, True, CACHE_DIR) for r in results.values())
 
 
 @st.cache_resource(show_spinner="Loading features...", max_entries=16)
 def bias_features(name: str, configs: dict[str, RunConfig], device: str, n: int) -> dict:
     """{model label: {task: Features}} read from the feature cache (filled by the background job)."""
-    from merging.representations import run_features
-
     suite = load_suite(name)
-    return {label: run_features(r, suite, n=n, layers=True, cache_dir=CACHE_DIR) for label, r in _bias_results(name, configs, device).items()}
+    return {label: artifacts.run_features(r, suite, n=n, layers=True, cache_dir=CACHE_DIR) for label, r in _bias_results(name, configs, device).items()}
 
 
 @st.cache_data(show_spinner="Projecting (a few seconds; cached on disk afterwards)...", max_entries=64)

@@ -9,6 +9,7 @@ import streamlit as st
 import ui
 from merging import sweeps
 from merging.errors import MergeLensError
+from merging.jobs import SweepJob
 from merging.methods import METHODS
 
 settings = ui.sidebar()
@@ -83,17 +84,11 @@ st.caption(f"{config.method} on {config.suite}; swept: {', '.join(f'{k} = {v}' f
            "Bands: ±1 std over seeds (per-task curves of a two-key sweep also spread over the other key).")
 
 
-@st.fragment(run_every=ui.POLL_SECONDS)
-def progress_panel() -> None:
-    if ui.job_progress(st.session_state.get("abl-job"), "Sweep") == "done":
-        st.rerun(scope="app")
-
-
 if done < total:
     st.write(f"{done} of {total} points computed.")
     if st.button("Run the sweep", type="primary", key="abl-run"):
-        st.session_state["abl-job"] = ui.start_job({"kind": "sweep", "suite": config.suite, "device": settings["device"], "sweep": config.to_dict()})
-    progress_panel()
+        st.session_state["abl-job"] = ui.start_job(SweepJob(config, settings["device"]))
+    ui.job_panel(st.session_state.get("abl-job"), "Sweep")
 
 if frame.empty:
     st.stop()

@@ -4,6 +4,7 @@ import streamlit as st
 
 import ui
 from merging.evaluation import accuracy_table
+from merging.jobs import RunsJob
 from merging.methods import BASELINES, get_method
 from merging.runs import RunConfig
 
@@ -17,21 +18,12 @@ st.markdown(
 )
 
 configs = {m: RunConfig(name, m) for m in BASELINES}
-baseline_job = {"kind": "runs", "suite": name, "runs": [{"method": m} for m in BASELINES], "device": settings["device"]}
-
-
-@st.fragment(run_every=ui.POLL_SECONDS)
-def build_progress() -> None:
-    state = ui.job_progress(st.session_state.get(f"job-{name}"), f"Preparing {name}")
-    if state == "done":
-        st.rerun(scope="app")
-
+baseline_job = RunsJob(name, tuple(configs.values()), settings["device"])
 
 if not ui.suite_is_built(name) or None in ui.cached_results(ui.load_suite(name), configs, settings["device"]).values():
     st.info(f"First visit: building the **{name}** suite (pretraining a tiny ViT and fine-tuning one copy per task) "
             "and running the baselines. This happens once; later visits load it from the cache.")
-    st.session_state[f"job-{name}"] = ui.start_job(baseline_job)
-    build_progress()
+    ui.job_panel(ui.start_job(baseline_job, automatic=True), f"Preparing {name}")
     st.stop()
 
 suite = ui.load_suite(name)

@@ -1,14 +1,14 @@
 """Merge: pick methods and hyperparameters (presets shown), run in the background, get the per-task table."""
 
-import dataclasses
 import json
-import typing
 
 import streamlit as st
 
 import ui
+from merging.errors import ConfigError
 from merging.evaluation import accuracy_table
-from merging.methods import METHODS, make_params, params_dict
+from merging.jobs import RunsJob
+from merging.methods import METHODS, HyperparameterSpec, make_params, params_dict, specs
 from merging.runs import RunConfig, program_report
 
 settings = ui.sidebar()
@@ -21,31 +21,61 @@ picked = st.multiselect("Methods", choices, default=[m for m in ("task_arithmeti
                         format_func=lambda m: METHODS[m].title, key="merge-methods")
 
 
-def param_widgets(method_name: str) -> dict:
-    """One widget per hyperparameter, prefilled from the preset (or the default); returns the overrides."""
+def widget(h: HyperparameterSpec, value, key: str):
+    """One input for one hyperparameter: its help text and allowed values from the method's dataclass."""
+    label = f"{h.name} ({h.unit})" if h.unit else h.name
+    help_text = f"{h.help} Allowed: {h.allowed()}."
+    if h.type == "bool":
+        return st.checkbox(label, value=bool(value), key=key, help=help_text)
+    if h.choices:
+        options = list(h.choices)
+        return st.selectbox(label, options, index=options.index(value) if value in options else 0, key=key, help=help_text)
+    if h.type in ("int", "float"):
+        cast = int if h.type == "int" else float
+        bounds = {"min_value": cast(h.low) if h.low is not None else None, "max_value": cast(h.high) if h.high is not None else None}
+        if h.type == "int":
+            return int(st.number_input(label, value=int(value), step=1, key=key, help=help_text, **bounds))
+        return float(st.number_input(label, value=float(value), format="%g", key=key, help=help_text, **bounds))
+    new = st.text_input(label, value="" if value is None else str(value), key=key, help=help_text)
+    return new if new != "" or value is not None else None
+
+
+def param_widgets(method_name: str, prefix: str = "", used: str | None = None) -> dict:
+    """One widget per hyperparameter, prefilled from the preset (or the default); returns the overrides.
+    A field that holds another method's parameters (Surgery's base) gets that method's widgets, as ``base.KEY``."""
+    method = METHODS[method_name]
+    defaults = params_dict(make_params(method, preset=used))
+    overrides: dict = {}
+    for h in specs(method):
+        key = f"{prefix}{method_name}-{h.name}-{used}"
+        if h.params_of:
+            base = METHODS[overrides.get(h.params_of, defaults[h.params_of])]
+            base_preset = overrides.get(f"{h.params_of}_preset", defaults.get(f"{h.params_of}_preset"))
+            st.caption(f"**{base.title}** hyperparameters ({h.params_of}.KEY)")
+            nested = param_widgets(base.name, f"{key}-", base_preset if base_preset in base.presets else None)
+            overrides.update({f"{h.params_of}.{k}": v for k, v in nested.items()})
+            continue
+        new = widget(h, defaults[h.name], key)
+        if new != defaults[h.name]:
+            overrides[h.name] = new
+    return overrides
+
+
+def method_config(method_name: str) -> RunConfig | None:
+    """The run the widgets describe, or ``None`` with one ``st.error`` line when a value is not allowed."""
     method = METHODS[method_name]
     used = preset if preset in method.presets else None
-    defaults = params_dict(make_params(method, preset=used))
-    hints = typing.get_type_hints(method.Params)
-    overrides = {}
-    for f in dataclasses.fields(method.Params):
-        key, value, kind = f"{method_name}-{f.name}-{used}", defaults[f.name], hints[f.name]
-        if kind is bool:
-            new = st.checkbox(f.name, value=value, key=key)
-        elif kind is int:
-            new = int(st.number_input(f.name, value=int(value), step=1, key=key))
-        elif kind is float:
-            new = float(st.number_input(f.name, value=float(value), format="%g", key=key))
-        else:
-            new = st.text_input(f.name, value="" if value is None else str(value), key=key)
-            new = new if new != "" or value is not None else None
-        if new != value:
-            overrides[f.name] = new
+    overrides = param_widgets(method_name, used=used)
     if used:
         st.caption(f"preset **{used}**: " + ", ".join(f"{k}={v}" for k, v in method.presets[used].items()))
     if method.paper_url:
         st.caption(f"[paper]({method.paper_url})")
-    return overrides
+    try:
+        make_params(method, overrides, used)
+    except ConfigError as e:
+        st.error(str(e))
+        return None
+    return RunConfig(name, method_name, overrides, used)
 
 
 configs = {"pretrained": RunConfig(name, "pretrained"), "individual": RunConfig(name, "individual")}
@@ -53,26 +83,18 @@ if picked:
     cols = st.columns(min(len(picked), 3))
     for i, m in enumerate(picked):
         with cols[i % len(cols)].expander(METHODS[m].title, expanded=True):
-            configs[m] = RunConfig(name, m, param_widgets(m), preset if METHODS[m].presets else None)
+            config = method_config(m)
+            if config is not None:
+                configs[m] = config
 
 results = ui.cached_results(suite, configs, device)
 missing = [label for label, r in results.items() if r is None]
-spec = {"kind": "runs", "suite": name, "device": device,
-        "runs": [{"method": c.method, "params": c.params, "preset": c.preset} for label, c in configs.items() if label in missing]}
-
-
-@st.fragment(run_every=ui.POLL_SECONDS)
-def progress_panel() -> None:
-    state = ui.job_progress(st.session_state.get("merge-job"), "Running")
-    if state == "done":
-        st.rerun(scope="app")
-
 
 if missing:
     st.write(f"Not computed yet: {', '.join(METHODS[configs[m].method].title for m in missing)}.")
     if st.button("Run", type="primary", key="merge-run"):
-        st.session_state["merge-job"] = ui.start_job(spec)
-    progress_panel()
+        st.session_state["merge-job"] = ui.start_job(RunsJob(name, tuple(configs[m] for m in missing), device))
+    ui.job_panel(st.session_state.get("merge-job"), "Running")
 
 done = {label: r for label, r in results.items() if r is not None}
 if len(done) > 0:

@@ -7,6 +7,7 @@ import streamlit as st
 
 import ui
 from merging.evaluation import accuracy_table
+from merging.jobs import RunsJob
 from merging.methods import METHODS
 from merging.runs import RunConfig
 
@@ -23,18 +24,11 @@ results = ui.cached_results(suite, configs, device)
 missing = [m for m, r in results.items() if r is None]
 
 
-@st.fragment(run_every=ui.POLL_SECONDS)
-def progress_panel() -> None:
-    if ui.job_progress(st.session_state.get("cmp-job"), "Running") == "done":
-        st.rerun(scope="app")
-
-
 if missing:
     st.write(f"Not computed yet with the **{preset}** preset: {', '.join(METHODS[m].title for m in missing)}.")
     if st.button("Run the missing methods", type="primary", key="cmp-run"):
-        spec = {"kind": "runs", "suite": name, "device": device, "runs": [{"method": m, "preset": configs[m].preset} for m in missing]}
-        st.session_state["cmp-job"] = ui.start_job(spec)
-    progress_panel()
+        st.session_state["cmp-job"] = ui.start_job(RunsJob(name, tuple(configs[m] for m in missing), device))
+    ui.job_panel(st.session_state.get("cmp-job"), "Running")
 
 done = {m: r for m, r in results.items() if r is not None}
 if not done:

@@ -6,6 +6,7 @@ import plotly.express as px
 import streamlit as st
 
 import ui
+from merging.jobs import FeaturesRequest, RunsJob
 from merging.methods import METHODS
 from merging.runs import RunConfig
 
@@ -51,21 +52,12 @@ configs = {
     "merged": RunConfig(name, base, preset=preset if METHODS[base].presets else None),
     "merged + Surgery": RunConfig(name, "surgery", {"base": base}, preset=preset),
 }
-features_spec = {"n": n, "layers": True, "project": {"task": st.session_state.get("bias-task"), "method": projection}}
-spec = {"kind": "runs", "suite": name, "device": device, "features": features_spec,
-        "runs": [{"method": c.method, "params": c.params, "preset": c.preset} for c in configs.values()]}
+job = RunsJob(name, tuple(configs.values()), device, FeaturesRequest(n, True, projection, st.session_state.get("bias-task")))
 ready = ui.suite_is_built(name) and ui.bias_ready(name, configs, device, n)
 if not ready:
     draw_controls()
     st.info("Computing: the suite (first visit only), the three runs and their features run in a background job.")
-    st.session_state["bias-job"] = ui.start_job(spec)
-
-    @st.fragment(run_every=ui.POLL_SECONDS)
-    def progress_panel() -> None:
-        if ui.job_progress(st.session_state.get("bias-job"), "Preparing the bias view") == "done":
-            st.rerun(scope="app")
-
-    progress_panel()
+    ui.job_panel(ui.start_job(job, automatic=True), "Preparing the bias view")
     st.stop()
 
 suite = ui.load_suite(name)

@@ -8,13 +8,11 @@ per-task models make rows differ, and a tinted head j shows how much it relies o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import pandas as pd
 import torch
 
 from merging.device import default_device
-from merging.io import atomic_write
 from merging.model import MultiTaskModel
 from merging.suites.base import Suite
 
@@ -45,16 +43,4 @@ def cross_task_matrix(
                 correct[i] += int((model.heads[j](model.encode(images, i)).argmax(-1) == labels).sum())
         for i in tasks:
             table.loc[i, j] = 100.0 * correct[i] / len(data.test_labels)
-    return table
-
-
-def cached_cross_task_matrix(result: dict, suite: Suite, cache_dir: str | Path = "cache", device: str | None = None) -> pd.DataFrame:
-    """The matrix of a finished run, computed once and kept next to its ``result.json``."""
-    from merging.runs import load_model, run_dir
-
-    path = run_dir(cache_dir, result["key"]) / "cross_task.csv"
-    if path.is_file():
-        return pd.read_csv(path, index_col=0).rename_axis(index="encoder", columns="head")
-    table = cross_task_matrix(load_model(result, suite, cache_dir), suite, result["tasks"], device=device)
-    atomic_write(path, lambda tmp: table.to_csv(tmp))
     return table

@@ -1,9 +1,10 @@
 """Background jobs: long work runs in a separate worker process that writes its status to ``cache/jobs``.
 
-The app never computes in a Streamlit thread (anchors.md §5): a page starts a job, then polls its
-``status.json``. A job's id is the hash of its spec, so two sessions (or a reload) asking for the same
-work get the same job; a finished job's result is ordinary cached output (a run's ``result.json``).
-Everything a job does is also a CLI command, and the worker is itself ``python -m merging job``.
+The app never computes in a Streamlit thread (anchors.md §5): a page builds a typed job (``SuiteJob``,
+``RunsJob``, ``SweepJob``), starts it, then polls its ``status.json`` while it is queued or running. A
+job's id is the hash of its ``to_dict()``, so two sessions (or a reload) asking for the same work get
+the same job; a finished job's result is ordinary cached output (a run's ``result.json``). Everything
+a job does is also a CLI command, and the worker is itself ``python -m merging job``.
 """
 
 from __future__ import annotations
@@ -16,19 +17,122 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from merging.errors import ConfigError, MergeLensError
 from merging.io import load_json, save_json
+from merging.progress import ProgressFn
+from merging.runs import RunConfig, run
+from merging.sweeps import SweepConfig
 
 ACTIVE = ("queued", "running")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def job_id(spec: dict) -> str:
-    blob = json.dumps(spec, sort_keys=True, default=str)
-    return f"{spec.get('kind', 'job')}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+@dataclass(frozen=True)
+class SuiteJob:
+    """Build (or load) a suite."""
+
+    kind: ClassVar[str] = "suite"
+    suite: str
+    seed: int = 0
+    device: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "suite": self.suite, "seed": self.seed, "device": self.device}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SuiteJob:
+        return cls(d["suite"], int(d.get("seed", 0)), d.get("device"))
+
+
+@dataclass(frozen=True)
+class FeaturesRequest:
+    """Also extract each run's features (``n`` test images per task, per-block means if ``layers``) and fit the
+    first joint projection a page shows (``project_task``, ``None`` = the suite's first task, with ``projection``)."""
+
+    n: int | None = None
+    layers: bool = False
+    projection: str | None = None
+    project_task: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "layers": self.layers, "projection": self.projection, "project_task": self.project_task}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FeaturesRequest:
+        return cls(d.get("n"), bool(d.get("layers", False)), d.get("projection"), d.get("project_task"))
+
+
+@dataclass(frozen=True)
+class RunsJob:
+    """Run (or load) each run in order on one suite, optionally with their features."""
+
+    kind: ClassVar[str] = "runs"
+    suite: str
+    runs: tuple[RunConfig, ...]
+    device: str | None = None
+    features: FeaturesRequest | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "suite": self.suite, "device": self.device, "runs": [r.to_dict() for r in self.runs],
+                "features": self.features.to_dict() if self.features else None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunsJob:
+        runs = tuple(RunConfig.from_dict({"suite": d["suite"], **r}, f"job run {i + 1}") for i, r in enumerate(d["runs"]))
+        features = FeaturesRequest.from_dict(d["features"]) if d.get("features") else None
+        return cls(d["suite"], runs, d.get("device"), features)
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """Every point of a sweep (``merging.sweeps``), locally or on Ray."""
+
+    kind: ClassVar[str] = "sweep"
+    sweep: SweepConfig
+    device: str | None = None
+    executor: str = "local"
+    workers: int = 1
+    address: str | None = None
+
+    @property
+    def suite(self) -> str:
+        return self.sweep.suite
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "suite": self.suite, "sweep": self.sweep.to_dict(), "device": self.device, "executor": self.executor,
+                "workers": self.workers, "address": self.address}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SweepJob:
+        return cls(SweepConfig.from_dict(d["sweep"]), d.get("device"), d.get("executor", "local"), int(d.get("workers", 1)), d.get("address"))
+
+
+Job = SuiteJob | RunsJob | SweepJob
+JOB_TYPES: dict[str, type] = {t.kind: t for t in (SuiteJob, RunsJob, SweepJob)}
+
+
+def job_from_dict(d: Mapping[str, Any]) -> Job:
+    kind = d.get("kind") if isinstance(d, Mapping) else None
+    if kind not in JOB_TYPES:
+        raise ConfigError(f"unknown job kind {kind!r}; known: {', '.join(JOB_TYPES)}")
+    try:
+        return JOB_TYPES[kind].from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"bad {kind} job: {type(e).__name__} {e}") from None
+
+
+def job_id(job: Job) -> str:
+    blob = json.dumps(job.to_dict(), sort_keys=True, default=str)
+    return f"{job.kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def is_active(status: dict | None) -> bool:
+    return bool(status) and status["state"] in ACTIVE
 
 
 def job_dir(cache_dir: str | Path, jid: str) -> Path:
@@ -61,15 +165,17 @@ def _alive(pid: int | None) -> bool:
         return True
 
 
-def start(spec: dict, cache_dir: str | Path = "cache", restart_failed: bool = True, restart_done: bool = False) -> str:
-    """Start the job for ``spec`` unless the same job is already queued, running or done; returns its id.
+def start(job: Job | Mapping[str, Any], cache_dir: str | Path = "cache", restart_failed: bool = True, restart_done: bool = False) -> str:
+    """Start ``job`` (or its ``to_dict()``) unless the same job is already queued, running or done; returns its id.
 
     ``restart_done``: the caller found the job's outputs missing, so a ``done`` record is stale (the suite was
     rebuilt from a new recipe, or part of ``cache/`` was deleted) and the job runs again instead of being
     reported done forever. Its cached parts are read back, so a re-run only computes what is missing.
     """
-    validate_spec(spec)
-    jid = job_id(spec)
+    if not isinstance(job, SuiteJob | RunsJob | SweepJob):
+        job = job_from_dict(job)
+    spec = job.to_dict()
+    jid = job_id(job)
     folder = job_dir(cache_dir, jid)
     status = read_status(cache_dir, jid)
     if status and (status["state"] in ACTIVE or (status["state"] == "done" and not restart_done)):
@@ -134,63 +240,55 @@ def _write(folder: Path, status: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------- the worker
-KINDS = ("suite", "run", "runs", "sweep")
-
-
-def validate_spec(spec: dict) -> None:
-    if spec.get("kind") not in KINDS:
-        raise ConfigError(f"unknown job kind {spec.get('kind')!r}; known: {', '.join(KINDS)}")
-
-
-def execute(spec: dict, cache_dir: str | Path, progress) -> Any:
+def execute(job: Job | Mapping[str, Any], cache_dir: str | Path, progress: ProgressFn) -> Any:
     """Do the work of a job in this process; returns a JSON-able result."""
-    from merging.runs import RunConfig, run
     from merging.suites import get_suite
 
-    kind = spec["kind"]
-    project = (spec.get("features") or {}).get("project")
-    if project and project.get("method", "umap") == "umap":
+    if not isinstance(job, SuiteJob | RunsJob | SweepJob):
+        job = job_from_dict(job)
+    features = job.features if isinstance(job, RunsJob) else None
+    if features and features.projection == "umap":
         # numba compiles UMAP (~25 s) on a thread from the start; measured against starting it at the first
         # training step or compiling after the job's runs, this gave the shortest first visit (BENCHMARKS.md)
         from merging.projection import warm_up_in_background
 
         warm_up_in_background()
-    suite = get_suite(spec["suite"], seed=spec.get("suite_seed", 0), cache_dir=cache_dir, progress=progress)
-    if kind == "suite":
+    suite = get_suite(job.suite, seed=job.seed if isinstance(job, SuiteJob) else 0, cache_dir=cache_dir, progress=progress)
+    if isinstance(job, SuiteJob):
         return {"suite": suite.name, "fingerprint": suite.fingerprint}
-    if kind == "sweep":
-        from merging.sweeps import SweepConfig, run_sweep
+    if isinstance(job, SweepJob):
+        from merging.sweeps import run_sweep
 
-        done = run_sweep(SweepConfig.from_dict(spec["sweep"]), suite, cache_dir, spec.get("device"), spec.get("executor", "local"),
-                         spec.get("workers", 1), spec.get("address"), progress)
+        done = run_sweep(job.sweep, suite, cache_dir, job.device, job.executor, job.workers, job.address, progress)
         return {"sweep": done.id, "computed": done.computed, "cached": done.cached}
-    configs = [spec["run"]] if kind == "run" else spec["runs"]
-    features = spec.get("features")  # {"n": samples per task, "layers": bool}: also extract each run's features
-    share = 0.7 if features else 1.0
+    return execute_runs(job, suite, cache_dir, progress)
+
+
+def execute_runs(job: RunsJob, suite, cache_dir: str | Path, progress: ProgressFn) -> dict:
+    share = 0.7 if job.features else 1.0
     results = []
-    for i, c in enumerate(configs):
-        config = RunConfig(spec["suite"], c["method"], c.get("params", {}), c.get("preset"), c.get("seed", 0), tuple(c["tasks"]) if c.get("tasks") else None)
+    for i, config in enumerate(job.runs):
 
-        def sub(fraction: float, message: str, i: int = i, name: str = c["method"]) -> None:
-            progress(share * (i + fraction) / len(configs), f"{name} ({i + 1}/{len(configs)}): {message}")
+        def sub(fraction: float, message: str, i: int = i, name: str = config.method) -> None:
+            progress(share * (i + fraction) / len(job.runs), f"{name} ({i + 1}/{len(job.runs)}): {message}")
 
-        results.append(run(config, suite, cache_dir=cache_dir, device=spec.get("device"), progress=sub))
-    if features:
-        from merging.representations import run_features
+        results.append(run(config, suite, cache_dir=cache_dir, device=job.device, progress=sub))
+    if job.features:
+        from merging.artifacts import run_features
 
-        sets = []
+        request, sets = job.features, []
         for i, r in enumerate(results):
 
             def feat(fraction: float, message: str, i: int = i, name: str = r["method"]) -> None:
                 progress(share + (1 - share) * (i + fraction) / len(results), f"features of {name}: {message}")
 
-            sets.append(run_features(r, suite, n=features.get("n"), layers=features.get("layers", False), cache_dir=cache_dir, device=spec.get("device"), progress=feat))
-        if project:  # {"task": name or None (the first), "method": "umap"}: the page's first view
+            sets.append(run_features(r, suite, n=request.n, layers=request.layers, cache_dir=cache_dir, device=job.device, progress=feat))
+        if request.projection:  # the page's first view
             from merging.projection import joint_projection
 
-            task = project.get("task") or suite.tasks[0]
-            progress(0.99, f"{project.get('method', 'umap')} projection of {task}")
-            joint_projection({r["key"]: fs[task] for r, fs in zip(results, sets, strict=True)}, method=project.get("method", "umap"), cache_dir=cache_dir)
+            task = request.project_task or suite.tasks[0]
+            progress(0.99, f"{request.projection} projection of {task}")
+            joint_projection({r["key"]: fs[task] for r, fs in zip(results, sets, strict=True)}, method=request.projection, cache_dir=cache_dir)
     return {"keys": [r["key"] for r in results]}
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from merging.errors import ConfigError, DataError
-from merging.representations import FINAL, Features, layer_name
+from merging.features import FINAL, Features, layer_name
 
 Array = np.ndarray | torch.Tensor
 PAIR_METRICS = ("l1", "l2", "cosine", "cka", "knn_overlap")

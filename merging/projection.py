@@ -30,9 +30,9 @@ import pandas as pd
 import torch
 
 from merging.errors import ConfigError, DataError
+from merging.features import FINAL, Features, layer_name
 from merging.io import atomic_write, load_state_dict, save_state_dict
 from merging.progress import ProgressFn
-from merging.representations import FINAL, Features, layer_name
 
 log = logging.getLogger(__name__)
 PROJECTIONS = ("pca", "tsne", "umap")

@@ -9,97 +9,24 @@ every method in the registry (and any added later) works unchanged. Features are
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-import pandas as pd
 import torch
 from safetensors import safe_open
 
 from merging.device import autocast, default_device, with_batch_size
 from merging.errors import ConfigError, DataError
+from merging.features import FINAL, Features
 from merging.io import load_state_dict, save_state_dict
 from merging.model import MultiTaskModel
 from merging.progress import ProgressFn, scaled, track
 from merging.suites.base import Suite, TaskData
 
 FEATURES_VERSION = "1"
-FINAL = "final"
 ModelSource = MultiTaskModel | Callable[[], MultiTaskModel]
-
-
-@dataclass
-class Features:
-    """One model's features of one task's sample set; row i is test image ``indices[i]``.
-
-    ``embedding`` is the unnormalized ``encode`` output; ``blocks[l]`` the token-mean of block l's output.
-    ``key`` names the cached set (``run_key/task/sample_set``), or is empty for uncached features.
-    """
-
-    task: str
-    classnames: list[str]
-    indices: torch.Tensor
-    labels: torch.Tensor
-    predictions: torch.Tensor
-    embedding: torch.Tensor
-    blocks: list[torch.Tensor] | None = None
-    key: str = ""
-
-    @property
-    def correct(self) -> torch.Tensor:
-        return self.predictions == self.labels
-
-    @property
-    def accuracy(self) -> float:
-        return 100.0 * float(self.correct.double().mean())
-
-    @property
-    def layers(self) -> list[str]:
-        return [FINAL] + [f"block{i}" for i in range(len(self.blocks or []))]
-
-    def layer(self, layer: str | int = FINAL) -> torch.Tensor:
-        """The feature matrix of ``layer``: ``"final"``, a block index, or ``"block<i>"``."""
-        name = layer_name(layer)
-        if name == FINAL:
-            return self.embedding
-        if not self.blocks:
-            raise ConfigError(f"no per-block features for {self.key or self.task!r}; extract them with layers=True")
-        i = int(name[len("block") :])
-        if not 0 <= i < len(self.blocks):
-            raise ConfigError(f"layer {layer!r} out of range; this model has blocks 0..{len(self.blocks) - 1}")
-        return self.blocks[i]
-
-    def layer_key(self, layer: str | int = FINAL) -> str:
-        return f"{self.key}/{layer_name(layer)}" if self.key else ""
-
-    def frame(self, model: str) -> pd.DataFrame:
-        """The row metadata: model, sample, label, classname, prediction, predicted_classname, correct."""
-        labels = self.labels.tolist()
-        preds = self.predictions.tolist()
-        return pd.DataFrame(
-            {
-                "model": model,
-                "task": self.task,
-                "sample": self.indices.tolist(),
-                "label": labels,
-                "classname": [self.classnames[i] for i in labels],
-                "prediction": preds,
-                "predicted_classname": [self.classnames[i] for i in preds],
-                "correct": self.correct.tolist(),
-            }
-        )
-
-
-def layer_name(layer: str | int) -> str:
-    if isinstance(layer, int) or (isinstance(layer, str) and layer.isdigit()):
-        return f"block{int(layer)}"
-    if layer == FINAL or (isinstance(layer, str) and layer.startswith("block") and layer[5:].isdigit()):
-        return layer
-    raise ConfigError(f"unknown layer {layer!r}; use 'final', a block index, or 'block<i>'")
 
 
 def sample_indices(labels: torch.Tensor, n: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -247,37 +174,3 @@ def cached_features(
         blocks=blocks,
         key=f"{run_key}/{task}/{folder.name}",
     )
-
-
-def run_features(
-    result: dict,
-    suite: Suite,
-    tasks: Sequence[str] | None = None,
-    n: int | None = None,
-    seed: int = 0,
-    layers: bool = False,
-    cache_dir: str | Path = "cache",
-    batch_size: int = 256,
-    device: str | None = None,
-    progress: ProgressFn | None = None,
-    amp: bool = False,
-) -> dict[str, Features]:
-    """Features of a finished run (``merging.runs.run``'s result) on each task's stratified sample of ``n`` test images.
-
-    The run's model is rebuilt at most once, and only if some task's features are not cached yet.
-    """
-    from merging.runs import load_model
-
-    tasks = list(tasks) if tasks is not None else list(result["tasks"])
-    unknown = [t for t in tasks if t not in result["tasks"]]
-    if unknown:
-        raise ConfigError(f"run {result['key']} has no task(s) {unknown}; it covers: {', '.join(result['tasks'])}")
-    loader = functools.cache(lambda: load_model(result, suite, cache_dir))
-    out = {}
-    for i, task in enumerate(tasks):
-        indices = sample_indices(suite.data[task].test_labels, n, seed)
-        out[task] = cached_features(
-            loader, result["key"], suite, task, indices, layers, cache_dir, batch_size, device,
-            scaled(progress, i / len(tasks), (i + 1) / len(tasks), f"{task}: "), amp,
-        )  # fmt: skip
-    return out

@@ -12,9 +12,7 @@ import hashlib
 import inspect
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +20,10 @@ from typing import Any
 import torch
 
 from merging.device import default_device, default_preset
+from merging.errors import ConfigError
 from merging.evaluation import evaluate
 from merging.io import load_json, load_state_dict, save_json, save_state_dict
-from merging.methods import get_method, make_params, params_dict
-from merging.methods.base import MergeMethod, RunContext
+from merging.methods import BuildContext, MergeMethod, RunContext, RunInput, get_method, make_params, params_dict
 from merging.model import MultiTaskModel
 from merging.progress import ProgressFn, scaled
 from merging.suites import Suite, get_suite
@@ -44,6 +42,30 @@ class RunConfig:
     preset: str | None = None
     seed: int = 0
     tasks: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"suite": self.suite, "method": self.method, "params": dict(self.params), "preset": self.preset, "seed": self.seed,
+                "tasks": list(self.tasks) if self.tasks else None}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], where: str = "run config") -> RunConfig:
+        """From a job spec or a ``run --config`` YAML (suite, method, params, preset, seed, tasks)."""
+        unknown = set(raw) - {"suite", "method", "params", "preset", "seed", "tasks"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; known: suite, method, params, preset, seed, tasks")
+        if not raw.get("method"):
+            raise ConfigError(f"{where}: 'method' is missing")
+        params = raw.get("params") or {}
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"{where}: 'params' must be a mapping of hyperparameter: value, got {params!r}")
+        tasks = raw.get("tasks")
+        if isinstance(tasks, str):
+            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+        try:
+            seed = int(raw.get("seed", 0) or 0)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: 'seed' must be an integer, got {raw.get('seed')!r}") from None
+        return cls(str(raw.get("suite", "mini8")), str(raw["method"]), dict(params), raw.get("preset"), seed, tuple(tasks) if tasks else None)
 
     def resolve(self, device: str | None = None) -> tuple[MergeMethod, Any, str | None]:
         """The method, its typed parameters, and the preset actually used (``fast`` on CPU, ``paper`` on GPU)."""
@@ -83,24 +105,6 @@ def run_key(config: RunConfig, suite: Suite, method: MergeMethod, params: Any) -
     return f"{method.name}-{digest}"
 
 
-_CACHE_DIR: ContextVar[Path] = ContextVar("cache_dir", default=Path("cache"))
-
-
-def current_cache_dir() -> Path:
-    """The cache folder of the run being built: a method built on another run's result (Surgery on
-    AdaMerging) runs and loads that base run in the same cache."""
-    return _CACHE_DIR.get()
-
-
-@contextmanager
-def cache_scope(cache_dir: str | Path) -> Iterator[None]:
-    token = _CACHE_DIR.set(Path(cache_dir))
-    try:
-        yield
-    finally:
-        _CACHE_DIR.reset(token)
-
-
 def run_dir(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir) / "runs" / key
 
@@ -114,10 +118,26 @@ def count_parameters(model: MultiTaskModel) -> dict[str, int]:
     return {"trainable": trainable, "total": total}
 
 
-def build_model(config: RunConfig, suite: Suite, device: str | None = None) -> tuple[MultiTaskModel, MergeMethod, Any, str | None]:
+def input_model(spec: RunInput, config: RunConfig, suite: Suite, cache_dir: str | Path, device: str, progress: ProgressFn | None = None) -> MultiTaskModel:
+    """A model another method builds on, with the outer run's suite, tasks, seed, device and cache: a
+    data-dependent input is run (or loaded from its cached run), a static one is built."""
+    sub = RunConfig(config.suite, spec.method, dict(spec.params), spec.preset, config.seed, config.tasks)
+    if get_method(spec.method).data_dependent:
+        return load_model(run(sub, suite, cache_dir, device, progress), suite, cache_dir, device)
+    return build_model(sub, suite, cache_dir, device)[0]
+
+
+def build_model(
+    config: RunConfig, suite: Suite, cache_dir: str | Path = "cache", device: str | None = None, progress: ProgressFn | None = None
+) -> tuple[MultiTaskModel, MergeMethod, Any, str | None]:
+    """The run's model at its initial state (before ``adapt``), its method, typed parameters and preset.
+    ``suite`` is the whole suite; ``config.tasks`` selects a subset."""
+    device = device or default_device()
     method, params, preset = config.resolve(device)
     target = suite.subset(list(config.tasks)) if config.tasks else suite
-    return method.build(target, params), method, params, preset
+    inputs = {name: input_model(spec, config, suite, cache_dir, device, progress) for name, spec in method.inputs(params).items()}
+    torch.manual_seed(config.seed)
+    return method.build(target, params, BuildContext(seed=config.seed, inputs=inputs)), method, params, preset
 
 
 def cached_result(config: RunConfig, suite: Suite, cache_dir: str | Path = "cache", device: str | None = None) -> dict | None:
@@ -144,9 +164,7 @@ def run(
     if (folder / "result.json").is_file() and not force:
         return load_json(folder / "result.json")
     target = suite.subset(list(config.tasks)) if config.tasks else suite
-    torch.manual_seed(config.seed)
-    with cache_scope(cache_dir):
-        model = method.build(target, params).to(device)
+    model = build_model(config, suite, cache_dir, device, scaled(progress, 0.1, 0.2, "inputs: "))[0].to(device)
     t0 = time.perf_counter()
     info: dict = {}
     if method.data_dependent:
@@ -184,12 +202,12 @@ def run(
     return result
 
 
-def load_model(result: dict, suite: Suite, cache_dir: str | Path = "cache") -> MultiTaskModel:
-    """Rebuild a finished run's model: the method's deterministic init plus its saved trainable state."""
-    method = get_method(result["method"])
-    params = make_params(method, result["params"])
-    with cache_scope(cache_dir):
-        model = method.build(suite.subset(result["tasks"]), params)
+def load_model(result: dict, suite: Suite, cache_dir: str | Path = "cache", device: str | None = None) -> MultiTaskModel:
+    """Rebuild a finished run's model: the method's deterministic init (its inputs loaded from their cached
+    runs) plus its saved trainable state. ``suite`` is the whole suite the run was made on, or its subset."""
+    tasks = tuple(result["tasks"]) if list(result["tasks"]) != list(suite.tasks) else None
+    config = RunConfig(result["suite"], result["method"], result["params"], None, result.get("seed", 0), tasks)
+    model = build_model(config, suite, cache_dir, device or result.get("device"))[0]
     state_path = run_dir(cache_dir, result["key"]) / "state.safetensors"
     if state_path.is_file():
         model.load_trainable_state(load_state_dict(state_path, check_finite=False))

@@ -127,8 +127,8 @@ def test_representation_bias_page_scatter_views_metrics_and_layers(bias_cache, m
     assert _traces(scatter) == {"individual", "merged"}  # "before Surgery" is the default view
     assert "PCA" in scatter.proto.spec
     # the metrics table holds the library's numbers
+    from merging.artifacts import run_features
     from merging.metrics import bias_table
-    from merging.representations import run_features
 
     results = {label: run(RunConfig("micro", m, p, preset=preset), micro_suite, cache_dir=bias_cache, device="cpu")
                for label, m, p, preset in [("individual", "individual", {}, None), ("merged", "task_arithmetic", {}, None),

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 from merging.cli import main
 from merging.suites import get_suite, templates
-from merging.suites.clip import assign_labels
-from merging.suites.hf_keys import hf_vision_to_open_clip, open_clip_to_hf_clip, open_clip_vision_to_hf
+from merging.suites.clip.hf_keys import hf_vision_to_open_clip, open_clip_to_hf_clip, open_clip_vision_to_hf
+from merging.suites.clip.images import assign_labels
 
 ARCH = "mergelens-tiny-clip"
 TINY = {
@@ -242,7 +242,7 @@ def test_whole_clip_map_matches_transformers_text_and_image_features(tmp_path):
     import open_clip
     from transformers import CLIPModel
 
-    from merging.suites.hf_keys import hf_clip_to_open_clip
+    from merging.suites.clip.hf_keys import hf_clip_to_open_clip
 
     torch.manual_seed(2)
     oc, _ = tiny_clip(tmp_path)

@@ -5,7 +5,9 @@ import time
 import pytest
 
 from merging import jobs
+from merging.jobs import FeaturesRequest, RunsJob, SuiteJob, SweepJob
 from merging.runs import RunConfig, cached_result
+from merging.sweeps import SweepConfig
 
 
 def _wait(cache, jid, states, timeout=180):
@@ -18,7 +20,7 @@ def _wait(cache, jid, states, timeout=180):
 
 
 def test_same_spec_is_one_job_and_its_result_is_a_cached_run(micro_suite, micro_cache):
-    spec = {"kind": "runs", "suite": "micro", "device": "cpu", "runs": [{"method": "ties", "params": {"density": 0.35}}]}
+    spec = RunsJob("micro", (RunConfig("micro", "ties", {"density": 0.35}),), "cpu")
     first = jobs.start(spec, micro_cache)
     second = jobs.start(spec, micro_cache)  # another tab / session asking for the same work
     assert first == second
@@ -35,8 +37,8 @@ def test_a_done_job_whose_outputs_are_gone_reruns_when_the_caller_says_so(micro_
     must get them recomputed, not a 'done' it would wait on forever."""
     import shutil
 
-    spec = {"kind": "runs", "suite": "micro", "device": "cpu", "runs": [{"method": "ties", "params": {"density": 0.45}}]}
     config = RunConfig("micro", "ties", {"density": 0.45})
+    spec = RunsJob("micro", (config,), "cpu")
     jid = jobs.start(spec, micro_cache)
     first = _wait(micro_cache, jid, ("done", "error"))
     assert first["state"] == "done", first
@@ -51,7 +53,7 @@ def test_a_done_job_whose_outputs_are_gone_reruns_when_the_caller_says_so(micro_
 
 
 def test_cancel_stops_the_worker_and_leaves_no_result(micro_suite, micro_cache):
-    spec = {"kind": "runs", "suite": "micro", "device": "cpu", "runs": [{"method": "surgery", "params": {"iterations": 100000}, "preset": "fast"}]}
+    spec = RunsJob("micro", (RunConfig("micro", "surgery", {"iterations": 100000}, "fast"),), "cpu")
     jid = jobs.start(spec, micro_cache)
     status = _wait(micro_cache, jid, ("running",))
     time.sleep(3)
@@ -85,14 +87,13 @@ def test_unknown_job_kind_is_refused(micro_cache):
 def test_a_runs_job_fits_the_first_projection_the_bias_page_reads(micro_suite, micro_cache):
     from pathlib import Path
 
+    from merging.artifacts import run_features
     from merging.projection import joint_projection, projection_key, resolved_params
-    from merging.representations import run_features
 
-    runs = [{"method": "individual"}, {"method": "task_arithmetic", "params": {"scaling": 0.35}}]
-    spec = {"kind": "runs", "suite": "micro", "device": "cpu", "runs": runs,
-            "features": {"n": 24, "layers": False, "project": {"task": "gratings", "method": "pca"}}}
+    runs = (RunConfig("micro", "individual"), RunConfig("micro", "task_arithmetic", {"scaling": 0.35}))
+    spec = RunsJob("micro", runs, "cpu", FeaturesRequest(n=24, layers=False, projection="pca", project_task="gratings"))
     out = jobs.execute(spec, micro_cache, lambda fraction, message: None)
-    results = [cached_result(RunConfig("micro", r["method"], r.get("params", {})), micro_suite, micro_cache, "cpu") for r in runs]
+    results = [cached_result(r, micro_suite, micro_cache, "cpu") for r in runs]
     assert out["keys"] == [r["key"] for r in results]
     sets = {label: run_features(r, micro_suite, tasks=["gratings"], n=24, cache_dir=micro_cache)["gratings"] for label, r in zip(("a", "b"), results, strict=True)}
     key = projection_key(sets, "final", "pca", 2, 0, resolved_params("pca"))
@@ -100,3 +101,18 @@ def test_a_runs_job_fits_the_first_projection_the_bias_page_reads(micro_suite, m
     assert path.is_file()  # the page's first view is a cache hit
     frame = joint_projection(sets, method="pca", cache_dir=micro_cache)
     assert len(frame) == 48 and set(frame["model"]) == {"a", "b"}
+
+
+@pytest.mark.parametrize("job", [
+    SuiteJob("micro", seed=3, device="cpu"),
+    RunsJob("micro", (RunConfig("micro", "surgery", {"base": "ties", "base.density": 0.3}, "fast", 1, ("colors",)),), "cpu",
+            FeaturesRequest(n=50, layers=True, projection="umap")),
+    SweepJob(SweepConfig("micro", "task_arithmetic", {"scaling": [0.1, 0.3]}, seeds=(0, 1)), "cpu", "local", 2),
+])  # fmt: skip
+def test_typed_jobs_round_trip_through_their_dict_and_keep_their_id(job):
+    """The worker rebuilds the job from ``spec.json``: the same job, so the same id across sessions."""
+    import json
+
+    back = jobs.job_from_dict(json.loads(json.dumps(job.to_dict())))
+    assert back == job and jobs.job_id(back) == jobs.job_id(job)
+    assert jobs.job_id(job).startswith(job.kind + "-")

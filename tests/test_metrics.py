@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from merging import metrics as M
+from merging.artifacts import run_features
 from merging.errors import DataError
-from merging.representations import run_features
 from merging.runs import RunConfig, run
 
 

@@ -8,9 +8,9 @@ import torch
 
 from merging import projection
 from merging.errors import ConfigError
+from merging.features import Features
 from merging.metrics import trustworthiness
 from merging.projection import embed, joint_projection, write_html
-from merging.representations import Features
 
 
 def clusters(n_per: int = 60, k: int = 4, d: int = 64, gap: float = 20.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

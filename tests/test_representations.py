@@ -4,17 +4,18 @@ import pandas as pd
 import pytest
 import torch
 
-from merging import runs
+from merging import artifacts
+from merging.artifacts import run_features
 from merging.cli import main
-from merging.methods import METHODS, get_method, make_params
+from merging.methods import METHODS
 from merging.model import MultiTaskModel
-from merging.representations import cached_features, extract, run_features, sample_indices, sample_set_id
-from merging.runs import RunConfig, run
+from merging.representations import cached_features, extract, sample_indices, sample_set_id
+from merging.runs import RunConfig, build_model, run
 
 
 def _model(suite, name="task_arithmetic"):
-    method = get_method(name)
-    return method.build(suite, make_params(method)).eval()
+    """The method's model at init, its inputs (Surgery's base) resolved as a run resolves them."""
+    return build_model(RunConfig(suite.name, name), suite, device="cpu")[0].eval()
 
 
 class Counting:
@@ -136,7 +137,7 @@ def test_run_features_rebuild_the_model_only_on_a_miss(tiny_suite, tmp_path, mon
     def no_model(*_a, **_k):
         raise AssertionError("features should have come from the cache")
 
-    monkeypatch.setattr(runs, "load_model", no_model)
+    monkeypatch.setattr(artifacts, "load_model", no_model)
     second = run_features(result, tiny_suite, n=9, cache_dir=tmp_path, device="cpu")
     assert all(torch.equal(first[t].embedding, second[t].embedding) for t in first)
 

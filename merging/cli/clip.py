@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from merging.suites.clip import convert_task_vectors
+    from merging.suites.clip.convert import convert_task_vectors
 
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
     convert_task_vectors(args.root, args.model, args.out, trust=args.trust, tasks=tasks)
@@ -41,7 +41,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from merging.suites.config import check
+    from merging.suites.clip.suite import check
 
     report = check(args.config)
     for ok, message in report:

@@ -11,9 +11,14 @@ from merging.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("list-methods", help="the registered methods, their hyperparameters and presets")
+    p = sub.add_parser("list-methods", help="the registered methods, their hyperparameters (with help text) and presets")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_list_methods)
+
+    p = sub.add_parser("docs", help="write docs/methods.md from the methods' hyperparameter metadata")
+    p.add_argument("--out", default="docs/methods.md")
+    p.add_argument("--check", action="store_true", help="exit 1 if the file is not current, write nothing")
+    p.set_defaults(func=cmd_docs)
 
     p = sub.add_parser("suite", help="build or inspect a suite")
     ss = p.add_subparsers(dest="suite_command", required=True, metavar="SUITE_COMMAND")
@@ -38,11 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("run", help="run one method on a suite (cached by its key) and print per-task accuracy")
-    p.add_argument("--suite", default="mini8")
-    p.add_argument("--method", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat the flag)")
+    p.add_argument("--config", default=None, help="a YAML with suite, method, params, preset, seed, tasks (flags given too override it)")
+    p.add_argument("--suite", default=None, help="default: mini8")
+    p.add_argument("--method", default=None, help="required unless --config gives it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a hyperparameter (repeat the flag); a nested base method's as base.KEY=VALUE")
     p.add_argument("--preset", default=None, help="fast or paper (default: fast on CPU, paper on GPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default: 0")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
     p.add_argument("--force", action="store_true", help="recompute even if cached")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
@@ -84,16 +91,36 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_list_methods(args: argparse.Namespace) -> int:
-    from merging.methods import METHODS
+    import dataclasses
 
-    described = [m.describe() for m in METHODS.values()]
+    from merging.methods import METHODS, specs
+
     if args.json:
+        described = [{**m.describe(), "hyperparameters": [dataclasses.asdict(h) for h in specs(m)]} for m in METHODS.values()]
         print(json.dumps(described, indent=2, default=str))
         return 0
-    for d in described:
-        params = ", ".join(f"{k}={v}" for k, v in d["params"].items()) or "-"
-        presets = f"  presets: {', '.join(d['presets'])}" if d["presets"] else ""
-        print(f"{d['name']:<18} {d['title']}\n{'':<18} {params}{presets}\n{'':<18} {d['paper_url']}")
+    for m in METHODS.values():
+        presets = f"  (presets: {', '.join(m.presets)})" if m.presets else ""
+        print(f"{m.name}: {m.title}{presets}  {m.paper_url}")
+        for h in specs(m):
+            default = "{}" if h.params_of else h.default
+            unit = f" [{h.unit}]" if h.unit else ""
+            print(f"    {h.name} = {default}{unit}  {h.help} Allowed: {h.allowed()}.")
+    return 0
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    from merging.io import atomic_write
+    from merging.methods_doc import methods_markdown
+
+    text = methods_markdown()
+    path = Path(args.out)
+    if args.check:
+        current = path.is_file() and path.read_text() == text
+        print(f"{path} is {'current' if current else 'stale: run python -m merging docs'}")
+        return 0 if current else 1
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    print(f"wrote {path}")
     return 0
 
 
@@ -109,9 +136,9 @@ def cmd_suite_build(args: argparse.Namespace) -> int:
 
 
 def cmd_suite_list(args: argparse.Namespace) -> int:
-    from merging.suites.mini8 import RECIPES
+    from merging.suites import BUILTIN_SUITES
 
-    for name, r in RECIPES.items():
+    for name, r in BUILTIN_SUITES.items():
         print(f"{name:<8} {len(r.tasks)} tasks: {', '.join(r.tasks)}")
     return 0
 
@@ -140,16 +167,33 @@ def _print_result(result: dict) -> None:
     print(f"  {'average':<{width}}  {result['average']:6.2f}")
 
 
+def run_config(args: argparse.Namespace):
+    """The run described by ``--config`` (a YAML mapping), with any flag given on the command line on top."""
+    from merging.runs import RunConfig
+
+    raw: dict = {}
+    if args.config:
+        from merging.io import load_yaml_mapping
+
+        raw = load_yaml_mapping(args.config, "run config")
+    where = f"--config {args.config}" if args.config else "run"
+    flags = {"suite": args.suite, "method": args.method, "preset": args.preset, "seed": args.seed, "tasks": args.tasks}
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    raw["params"] = {**(raw.get("params") or {}), **parse_sets(args.set)}
+    if not raw.get("method"):
+        raise ConfigError(f"{where}: no method; give --method NAME or 'method:' in the YAML")
+    return RunConfig.from_dict(raw, where)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from merging.io import save_json
-    from merging.runs import RunConfig, program_report, run
+    from merging.runs import program_report, run
     from merging.suites import get_suite
 
-    suite = get_suite(args.suite, cache_dir=args.cache_dir)
-    tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else None
-    if tasks:
-        suite.check_tasks(list(tasks))
-    config = RunConfig(args.suite, args.method, parse_sets(args.set), args.preset, args.seed, tasks)
+    config = run_config(args)
+    suite = get_suite(config.suite, cache_dir=args.cache_dir)
+    if config.tasks:
+        suite.check_tasks(list(config.tasks))
     result = run(config, suite, cache_dir=args.cache_dir, device=args.device, force=args.force)
     if args.report:
         save_json(program_report(result), args.report)

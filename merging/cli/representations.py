@@ -62,7 +62,7 @@ def _method_list(text: str) -> list[str]:
 
 def _features(args: argparse.Namespace, specs: list[str], layers: bool = False) -> tuple[list[str], dict[str, dict]]:
     """Run (or load) each method spec and return the tasks and ``{task: {spec: Features}}``."""
-    from merging.representations import run_features
+    from merging.artifacts import run_features
     from merging.runs import RunConfig, run
     from merging.suites import get_suite
 

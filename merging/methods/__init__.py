@@ -5,9 +5,24 @@ A new method is one new file under ``merging/methods/`` plus one line here.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 from merging.errors import ConfigError
 from merging.methods.adamerging import AdaMerging
-from merging.methods.base import MergeMethod, RunContext, StaticMergeMethod, make_params, params_dict
+from merging.methods.base import (
+    BuildContext,
+    HyperparameterSpec,
+    MergeMethod,
+    RunContext,
+    RunInput,
+    StaticMergeMethod,
+    build_params,
+    hyperparameter_specs,
+    params_dict,
+    registry_excluded,
+)
 from merging.methods.individual import Individual
 from merging.methods.pretrained import Pretrained
 from merging.methods.surgery import Surgery
@@ -45,4 +60,25 @@ def get_method(name: str) -> MergeMethod:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "BASELINES", "MergeMethod", "RunContext", "StaticMergeMethod", "get_method", "list_methods", "make_params", "params_dict"]
+def make_params(method: MergeMethod, overrides: Mapping[str, Any] | None = None, preset: str | None = None) -> Any:
+    """A method's typed parameters: defaults, then ``preset``, then ``overrides`` (CLI/UI strings are converted;
+    ``base.KEY=VALUE`` sets a nested base method's own). Raises ``ConfigError``, one line naming the method,
+    the hyperparameter, the value and what is allowed."""
+    return build_params(method, overrides, preset, METHODS)
+
+
+def specs(method: MergeMethod) -> list[HyperparameterSpec]:
+    """The method's hyperparameters with their help, range and choices (fields naming a method get the registry's)."""
+    out = []
+    for h in hyperparameter_specs(method.Params):
+        if h.method_choice:
+            excluded = set(registry_excluded(method.Params, h.name)) | {method.name}
+            h = dataclasses.replace(h, choices=tuple(m for m in METHODS if m not in excluded))
+        out.append(h)
+    return out
+
+
+__all__ = [
+    "BASELINES", "METHODS", "BuildContext", "HyperparameterSpec", "MergeMethod", "RunContext", "RunInput", "StaticMergeMethod",
+    "get_method", "list_methods", "make_params", "params_dict", "specs",
+]  # fmt: skip

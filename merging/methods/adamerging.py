@@ -10,47 +10,31 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from merging import task_vectors as tv
 from merging.adaptation import entropy, optimize, unlabeled_batches
-from merging.errors import ConfigError
 from merging.functional import MergedEncoder
-from merging.methods.base import MergeMethod, RunContext
+from merging.methods.base import BuildContext, MergeMethod, RunContext, hyperparameter
 from merging.model import MultiTaskModel
 from merging.suites.base import Suite
 
 
 @dataclass(frozen=True)
 class AdaMergingParams:
-    granularity: str = "layer"
-    """``layer``: one lambda per state-dict tensor per task; ``task``: one per task."""
-    vectors: str = "task_arithmetic"
-    """``task_arithmetic`` (AdaMerging) or ``ties`` (AdaMerging++: trimmed, sign-filtered task vectors)."""
-    density: float = 0.2
-    """TIES trim density for ``vectors="ties"`` (``reset_thresh=20``)."""
-    init: float = 0.3
-    """Initial lambda ("prior 0.3")."""
-    lr: float = 1e-3
-    """Adam learning rate, betas (0.9, 0.999), no weight decay."""
-    steps: int = 500
-    """Iterations; each is one Adam step on the loss summed over all tasks."""
-    batch_size: int = 16
-    batches_per_task: int = 2
-    """Shuffled unlabeled test batches each task adds to one iteration's loss."""
-
-    def validate(self) -> None:
-        if self.granularity not in ("task", "layer"):
-            raise ConfigError(f"hyperparameter 'granularity' must be 'task' or 'layer', got {self.granularity!r}")
-        if self.vectors not in ("task_arithmetic", "ties"):
-            raise ConfigError(f"hyperparameter 'vectors' must be 'task_arithmetic' or 'ties', got {self.vectors!r}")
-        if not 0.0 <= self.density <= 1.0:
-            raise ConfigError(f"hyperparameter 'density' must be in [0, 1], got {self.density}")
-        for key in ("steps", "batch_size", "batches_per_task"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"hyperparameter {key!r} must be >= 1, got {getattr(self, key)}")
+    granularity: Literal["layer", "task"] = hyperparameter(
+        "layer", "layer: one λ per state-dict tensor per task (layer-wise AdaMerging); task: one λ per task (algorithms.md §3).")
+    vectors: Literal["task_arithmetic", "ties"] = hyperparameter(
+        "task_arithmetic", "The task vectors the λs scale: task_arithmetic (AdaMerging) or ties (AdaMerging++: trimmed, sign-filtered).")
+    density: float = hyperparameter(0.2, "TIES trim density, used with vectors=ties (reset_thresh=20).", unit="fraction", low=0.0, high=1.0)
+    init: float = hyperparameter(0.3, "Initial λ of every coefficient (the paper's prior 0.3).", unit="λ")
+    lr: float = hyperparameter(1e-3, "Adam learning rate, betas (0.9, 0.999), no weight decay.", low=0.0, low_open=True)
+    steps: int = hyperparameter(500, "Iterations; each is one Adam step on the entropy summed over all tasks.", unit="steps", low=1)
+    batch_size: int = hyperparameter(16, "Unlabeled test images per batch.", unit="images", low=1)
+    batches_per_task: int = hyperparameter(2, "Shuffled unlabeled test batches each task adds to one iteration's loss.", unit="batches", low=1)
 
 
 class AdaMergingModel(MultiTaskModel):
@@ -105,7 +89,7 @@ class AdaMerging(MergeMethod):
         "fast": {"steps": 40, "lr": 1e-2, "batch_size": 16, "batches_per_task": 1},
     }
 
-    def build(self, suite: Suite, params: AdaMergingParams) -> AdaMergingModel:
+    def build(self, suite: Suite, params: AdaMergingParams, ctx: BuildContext = BuildContext()) -> AdaMergingModel:
         encoder = MergedEncoder(suite.build_encoder(), suite.pretrained, merge_vectors(suite, params), params.granularity, params.init)
         return AdaMergingModel(encoder, suite.tasks, suite.make_heads())
 

@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from merging import feature_cache
 from merging.adaptation import optimize, unlabeled_indices
 from merging.errors import ConfigError
 from merging.functional import MergedEncoder
-from merging.methods.base import MergeMethod, RunContext
+from merging.methods.base import BuildContext, MergeMethod, RunContext, RunInput, hyperparameter, method_name, nested_params
 from merging.metrics import mean_l1
 from merging.model import MultiTaskModel, PerTaskModel, StaticModel, blocks_of
 from merging.suites.base import Suite
@@ -33,47 +34,17 @@ Schedule = list[list[tuple[str, torch.Tensor]]]
 
 @dataclass(frozen=True)
 class SurgeryParams:
-    base: str = "task_arithmetic"
-    """The registered method whose merge Surgery corrects (static, or data-dependent such as adamerging)."""
-    base_params: str = ""
-    """The base's hyperparameters, ``key=value`` pairs separated by ``;`` (e.g. ``scaling=0.3;density=0.2``)."""
-    base_preset: str = "paper"
-    """Preset of a data-dependent base, whose run is cached and reused."""
-    version: int = 1
-    """1: one module on the final feature; 2 (SurgeryV2): also one after every transformer block."""
-    rank: int = 16
-    """r, the inner width of D (r x d) and U (d x r)."""
-    lr: float = 1e-3
-    """Adam learning rate, betas (0.9, 0.999), no weight decay."""
-    iterations: int = 500
-    steps_per_task: int = 2
-    """Per iteration, each task in order takes this many batches, one Adam step each."""
-    batch_size: int = 16
-
-    def validate(self) -> None:
-        from merging.methods import get_method, make_params
-
-        if self.base == "surgery":
-            raise ConfigError("hyperparameter 'base' must be a merge, not 'surgery' itself")
-        make_params(get_method(self.base), parse_base_params(self.base_params))
-        if self.version not in (1, 2):
-            raise ConfigError(f"hyperparameter 'version' must be 1 or 2, got {self.version}")
-        for key in ("rank", "iterations", "steps_per_task", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"hyperparameter {key!r} must be >= 1, got {getattr(self, key)}")
-
-
-def parse_base_params(text: str) -> dict[str, str]:
-    """``"scaling=0.3;density=0.2"`` -> ``{"scaling": "0.3", "density": "0.2"}``."""
-    out: dict[str, str] = {}
-    for item in (s.strip() for s in text.split(";")):
-        if not item:
-            continue
-        if "=" not in item:
-            raise ConfigError(f"hyperparameter 'base_params': expected key=value pairs separated by ';', got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
+    base: str = method_name("task_arithmetic", "The registered merge whose model Surgery corrects: static (task_arithmetic, ties, ...) "
+                                               "or data-dependent (adamerging, whose run is cached and reused).", exclude=("surgery",))
+    base_preset: Literal["paper", "fast"] = hyperparameter("paper", "Preset of a data-dependent base (its run is cached and reused).")
+    base_params: dict[str, Any] = nested_params("base", "The base merge's own hyperparameters, typed by that method; "
+                                                        "spelled base.KEY=VALUE, e.g. base.scaling=0.3.")
+    version: Literal[1, 2] = hyperparameter(1, "1: one module on the final feature (Surgery); 2: also one after every transformer block (SurgeryV2).")
+    rank: int = hyperparameter(16, "r, the inner width of D (r x d) and U (d x r); 16 in the paper.", unit="r", low=1)
+    lr: float = hyperparameter(1e-3, "Adam learning rate, betas (0.9, 0.999), no weight decay.", low=0.0, low_open=True)
+    iterations: int = hyperparameter(500, "Iterations of the schedule (500 in the paper).", unit="iterations", low=1)
+    steps_per_task: int = hyperparameter(2, "Per iteration, each task in order takes this many batches, one Adam step each.", unit="steps", low=1)
+    batch_size: int = hyperparameter(16, "Unlabeled test images per batch.", unit="images", low=1)
 
 
 class SurgeryModule(nn.Module):
@@ -163,21 +134,6 @@ class SurgeryModel(MultiTaskModel):
         return record
 
 
-def build_base(suite: Suite, params: SurgeryParams) -> MultiTaskModel:
-    """The base merge: built directly if static; a data-dependent base is run (or loaded) from the runs cache."""
-    from merging.methods import get_method, make_params
-
-    method = get_method(params.base)
-    overrides = parse_base_params(params.base_params)
-    if not method.data_dependent:
-        return method.build(suite, make_params(method, overrides))
-    from merging import runs
-
-    config = runs.RunConfig(suite.name, method.name, overrides, params.base_preset or None)
-    result = runs.run(config, suite, cache_dir=runs.current_cache_dir())
-    return runs.load_model(result, suite, runs.current_cache_dir())
-
-
 def index_schedule(sizes: Mapping[str, int], iterations: int, steps_per_task: int, batch_size: int, generator: torch.Generator) -> Schedule:
     """The batches Surgery visits: per iteration, each task in order, ``steps_per_task`` shuffled batches."""
     streams = {t: unlabeled_indices(n, batch_size, generator) for t, n in sizes.items()}
@@ -260,14 +216,17 @@ class Surgery(MergeMethod):
         "fast": {"iterations": 250, "steps_per_task": 2, "batch_size": 16, "lr": 1e-3, "base_preset": "fast"},
     }
 
-    def build(self, suite: Suite, params: SurgeryParams) -> SurgeryModel:
-        base = build_base(suite, params)
+    def inputs(self, params: SurgeryParams) -> dict[str, RunInput]:
+        return {"base": RunInput(params.base, params.base_params, params.base_preset)}
+
+    def build(self, suite: Suite, params: SurgeryParams, ctx: BuildContext = BuildContext()) -> SurgeryModel:
+        base = ctx.input("base", self.name)
         dim = next(iter(suite.heads.values()))["weight"].shape[1]
         width = layers = 0
         if params.version == 2:
             vit = surgery_vit(base)
             width, layers = vit.transformer.width, len(blocks_of(vit))
-        return SurgeryModel(base, dim, params.rank, width, layers)
+        return SurgeryModel(base, dim, params.rank, width, layers, seed=ctx.seed)
 
     def adapt(self, model: SurgeryModel, suite: Suite, params: SurgeryParams, ctx: RunContext) -> dict:
         tasks = model.tasks

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from merging import task_vectors as tv
-from merging.methods.base import StateDict, StaticMergeMethod
+from merging.methods.base import StateDict, StaticMergeMethod, hyperparameter
 
 
 @dataclass(frozen=True)
 class TaskArithmeticParams:
-    scaling: float = 0.3
-    """lambda; 0.3 in AdaMerging/Surgery/FusionBench (config/method/task_arithmetic.yaml)."""
+    scaling: float = hyperparameter(0.3, "Scaling coefficient λ on the summed task vectors; 0.3 in AdaMerging, Surgery and FusionBench "
+                                         "(config/method/task_arithmetic.yaml); negative values subtract tasks.", unit="λ")
 
 
 class TaskArithmetic(StaticMergeMethod):

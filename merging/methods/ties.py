@@ -9,22 +9,17 @@ from dataclasses import dataclass
 import torch
 
 from merging import task_vectors as tv
-from merging.errors import ConfigError
-from merging.methods.base import StateDict, StaticMergeMethod
+from merging.methods.base import StateDict, StaticMergeMethod, hyperparameter
 
 
 @dataclass(frozen=True)
 class TiesParams:
-    scaling: float = 0.3
-    """lambda applied to the disjoint sum (0.3 in AdaMerging++/Surgery/FusionBench)."""
-    density: float = 0.2
-    """Fraction of each task vector kept by magnitude (``reset_thresh=20``)."""
-    per_tensor: bool = False
-    """Trim each tensor separately instead of the whole flattened task vector (an option, not the paper's)."""
-
-    def validate(self) -> None:
-        if not 0.0 <= self.density <= 1.0:
-            raise ConfigError(f"hyperparameter 'density' must be in [0, 1], got {self.density}")
+    scaling: float = hyperparameter(0.3, "Scaling coefficient λ on the disjoint sum of the trimmed, sign-elected task vectors "
+                                         "(0.3 in AdaMerging++, Surgery and FusionBench).", unit="λ")
+    density: float = hyperparameter(0.2, "Fraction of each task vector's entries kept by magnitude before sign election "
+                                         "(0.2 = the paper's reset_thresh=20).", unit="fraction", low=0.0, high=1.0)
+    per_tensor: bool = hyperparameter(False, "Trim each tensor separately instead of the whole flattened task vector "
+                                             "(an option, not the paper's).")
 
 
 class Ties(StaticMergeMethod):

@@ -23,7 +23,7 @@ from torch.func import functional_call
 from merging.adaptation import optimize, unlabeled_batches
 from merging.errors import ConfigError
 from merging.functional import MergedEncoder
-from merging.methods.base import MergeMethod, RunContext
+from merging.methods.base import BuildContext, MergeMethod, RunContext, hyperparameter
 from merging.model import MultiTaskModel, PerTaskModel, encoder_block_features
 from merging.suites.base import Suite
 
@@ -32,20 +32,14 @@ StateDict = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class TintingParams:
-    layer: str = "head"
-    """The tinted layer: "head" (released code) or an encoder tensor prefix such as "ln_post"."""
-    confidence_filter: bool = True
-    """True: Model Tinting++ / SyMerge (``crosspseudoconf``); False: plain Model Tinting (``crosspseudo``)."""
-    init: float = 0.3
-    """Initial layer-wise coefficient (``prior``), clamped to [0, 1] in the forward pass."""
-    lr: float = 1e-2
-    epochs: int = 500
-    """Each epoch: tasks in a shuffled order, one batch and one Adam step per task."""
-    batch_size: int = 32
+    layer: str = hyperparameter("head", "The tinted layer, one trainable copy per task: head (the released code) or an encoder tensor prefix such as ln_post.")
+    confidence_filter: bool = hyperparameter(True, "True: Model Tinting++ / SyMerge (crosspseudoconf); False: plain Model Tinting (crosspseudo).")
+    init: float = hyperparameter(0.3, "Initial layer-wise coefficient (prior), clamped to [0, 1] in the forward pass.", unit="λ")
+    lr: float = hyperparameter(1e-2, "Adam learning rate (the released code).", low=0.0, low_open=True)
+    epochs: int = hyperparameter(500, "Each epoch: tasks in a shuffled order, one batch and one Adam step per task.", unit="epochs", low=0)
+    batch_size: int = hyperparameter(32, "Unlabeled test images per batch.", unit="images", low=1)
 
     def validate(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("epochs must be >= 0, batch_size >= 1 and lr > 0")
         if not self.layer.strip():
             raise ConfigError("layer must be 'head' or an encoder tensor prefix such as 'ln_post'")
 
@@ -130,7 +124,7 @@ class Tinting(MergeMethod):
         "fast": {"epochs": 25, "batch_size": 32, "lr": 1e-2},
     }
 
-    def build(self, suite: Suite, params: TintingParams) -> TintingModel:
+    def build(self, suite: Suite, params: TintingParams, ctx: BuildContext = BuildContext()) -> TintingModel:
         return build_tinting(suite, params)
 
     def adapt(self, model: TintingModel, suite: Suite, params: TintingParams, ctx: RunContext) -> dict:

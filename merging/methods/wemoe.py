@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from torch import nn
 from merging import task_vectors as tv
 from merging.adaptation import entropy, optimize, unlabeled_batches
 from merging.errors import ConfigError
-from merging.methods.base import MergeMethod, RunContext
+from merging.methods.base import BuildContext, MergeMethod, RunContext, hyperparameter
 from merging.model import SharedEncoderModel, blocks_of
 from merging.suites.base import Suite
 
@@ -31,29 +32,18 @@ _MLP_TENSORS = ("c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias")
 
 @dataclass(frozen=True)
 class WEMoEParams:
-    init_lambda: float = 0.3
-    """Task-arithmetic scale outside the MoE MLPs and the routers' output bias (``init_lambda``)."""
-    blocks: str = "all"
-    """Blocks whose MLP becomes a MoE: "all", "lastN", "firstN" or indices "0,3"."""
-    router_depth: int = 2
-    """0: a learned constant per block; 1: linear; 2: Linear-ReLU-Linear (paper default)."""
-    lr: float = 1e-4
-    """Adam learning rate (paper ViT-B/32 and ViT-L/14 logs)."""
-    steps: int = 1000
-    batch_size: int = 16
-    """Unlabeled test images per task per step."""
-    prune: float = 0.0
-    """E-WEMoE: fraction of smallest-|value| entries removed from each MLP task-vector tensor (0.9)."""
-    shared_router: bool = False
-    """E-WEMoE: one router shared by all MoE blocks."""
+    init_lambda: float = hyperparameter(0.3, "Task-arithmetic λ outside the MoE MLPs, and the routers' output bias (init_lambda in the official code).",
+                                        unit="λ")
+    blocks: str = hyperparameter("all", "Blocks whose MLP becomes a weight-ensembling MoE: all, lastN, firstN or indices such as 0,3.")
+    router_depth: Literal[0, 1, 2] = hyperparameter(2, "Router: 0 a learned constant per block, 1 linear, 2 Linear-ReLU-Linear (the paper's default).")
+    lr: float = hyperparameter(1e-4, "Adam learning rate (the paper's ViT-B/32 and ViT-L/14 logs).", low=0.0, low_open=True)
+    steps: int = hyperparameter(1000, "Adam steps of test-time adaptation on the entropy of unlabeled test images.", unit="steps", low=0)
+    batch_size: int = hyperparameter(16, "Unlabeled test images per task per step.", unit="images", low=1)
+    prune: float = hyperparameter(0.0, "E-WEMoE: fraction of smallest-|value| entries removed from each MLP task-vector tensor (0.9 in E-WEMoE).",
+                                  unit="fraction", low=0.0, high=1.0, high_open=True)
+    shared_router: bool = hyperparameter(False, "E-WEMoE: one router shared by all MoE blocks.")
 
     def validate(self) -> None:
-        if self.router_depth not in (0, 1, 2):
-            raise ConfigError(f"router_depth must be 0, 1 or 2, got {self.router_depth}")
-        if not 0.0 <= self.prune < 1.0:
-            raise ConfigError(f"prune must be in [0, 1), got {self.prune}")
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("steps must be >= 0, batch_size >= 1 and lr > 0")
         parse_blocks(self.blocks, None)
 
 
@@ -220,7 +210,7 @@ class WEMoE(MergeMethod):
         "fast": {"steps": 25, "batch_size": 16, "lr": 1e-3},
     }
 
-    def build(self, suite: Suite, params: WEMoEParams) -> WEMoEModel:
+    def build(self, suite: Suite, params: WEMoEParams, ctx: BuildContext = BuildContext()) -> WEMoEModel:
         return build_wemoe(suite, params)
 
     def adapt(self, model: WEMoEModel, suite: Suite, params: WEMoEParams, ctx: RunContext) -> dict:

@@ -1,4 +1,8 @@
-"""Suites: the built-in offline ones (``mini8``, ``micro``) and, by config file, real checkpoints."""
+"""Suites: the built-in offline ones (``mini8``, ``micro``) and, by config file, real checkpoints.
+
+The registry of built-in suites lives here, so that the CLI, the app and the runs ask one place what
+exists and whether it is built; ``mini8`` builds them and imports nothing of this package's own names.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,36 @@ from pathlib import Path
 from merging.errors import ConfigError
 from merging.progress import ProgressFn
 from merging.suites.base import Suite, TaskData
-from merging.suites.mini8 import RECIPES, list_suites
+from merging.suites.config import is_config_path, load_config
+from merging.suites.mini8 import MICRO, MINI8, Recipe, load_or_build, suite_dir
 
-__all__ = ["Suite", "TaskData", "get_suite", "list_suites"]
+__all__ = ["BUILTIN_SUITES", "Suite", "TaskData", "get_suite", "is_built", "list_suites"]
+
+BUILTIN_SUITES: dict[str, Recipe] = {"mini8": MINI8, "micro": MICRO}
+"""The built-in suites by name, each a ``mini8`` recipe built once (deterministically by seed) into the cache."""
+
+
+def list_suites() -> list[str]:
+    """The names of the built-in suites (config-file suites are named by their path)."""
+    return list(BUILTIN_SUITES)
+
+
+def is_built(name: str, seed: int = 0, cache_dir: str | Path = "cache") -> bool:
+    """Whether ``get_suite(name, seed, cache_dir)`` will load rather than build.
+
+    Built-in suites are built once into the cache; a config-file suite reads its files directly, so it is always "built".
+    """
+    if name not in BUILTIN_SUITES:
+        return True
+    return (suite_dir(name, seed, cache_dir) / "manifest.json").is_file()
 
 
 def get_suite(name: str, seed: int = 0, cache_dir: str | Path = "cache", progress: ProgressFn | None = None) -> Suite:
     """A built-in suite by name (built on first use, then loaded from cache), or a real one by config file path."""
-    if name in RECIPES:
-        from merging.suites.mini8 import load_or_build
-
+    if name in BUILTIN_SUITES:
         return load_or_build(name, seed, cache_dir, progress)
-    from merging.suites.config import is_config_path
-
     if is_config_path(name):
-        from merging.suites.clip import load_clip_suite
-        from merging.suites.config import load_config
+        from merging.suites.clip.suite import load_clip_suite  # only config suites need the real-checkpoint loader
 
         return load_clip_suite(load_config(name), cache_dir, progress)
     raise ConfigError(f"unknown suite {name!r}; built-in suites: {', '.join(list_suites())}, or a suite config file (.yaml, .toml)")

@@ -10,7 +10,8 @@ Example (task_vectors checkpoints converted once with ``python -m merging conver
     tasks: [SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD]
 
 Relative paths resolve against the config file's folder. ``python -m merging suite check CONFIG``
-validates a config and says what is missing or mismatched (``check`` below).
+validates a config and says what is missing or mismatched (``merging.suites.clip.suite.check``, which
+reads the files with the loader's own code; this module only parses, and imports nothing of the loader).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merging.errors import ConfigError, MergeLensError
+from merging.errors import ConfigError
 
 LAYOUTS = ("task_vectors", "hf", "open_clip")
 HEAD_MODES = ("auto", "files", "zeroshot")
@@ -175,18 +176,3 @@ def load_config(path: str | Path) -> SuiteConfig:
         templates={t: tuple(v) for t, v in templates.items()},
         limit=limit,
     )
-
-
-def check(path: str | Path) -> list[tuple[bool, str]]:
-    """Validate a config and everything it points to: ``[(ok, message)]``, one line per item checked.
-
-    Reads every checkpoint (one at a time), every data folder and every head file with the same code
-    the loader uses, so a config that checks clean loads; it does not build zero-shot heads.
-    """
-    from merging.suites import clip
-
-    try:
-        config = load_config(path)
-    except MergeLensError as e:
-        return [(False, str(e))]
-    return clip.check_suite(config)

@@ -118,10 +118,6 @@ MICRO = Recipe(
 RECIPES: dict[str, Recipe] = {"mini8": MINI8, "micro": MICRO}
 
 
-def list_suites() -> list[str]:
-    return list(RECIPES)
-
-
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ConfigError(f"unknown built-in suite {name!r}; available: {', '.join(RECIPES)}")
