@@ -222,7 +222,7 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        raise ConfigError("the Ray executor needs ray: .venv/bin/pip install -r requirements-ray.txt") from None
+        raise ConfigError("the Ray executor needs ray: .venv/bin/pip install -c requirements-dev.lock -r requirements-ray.txt") from None
     return ray
 
 

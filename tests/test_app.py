@@ -64,7 +64,7 @@ def test_merge_page_runs_a_new_setting_in_the_background(app_cache, micro_suite)
     at = _page("app_pages/merge.py").run()
     assert not at.exception
     n_rows = len(at.dataframe[0].value)
-    scaling = next(w for w in at.number_input if w.label == "scaling")
+    scaling = next(w for w in at.number_input if w.label.startswith("scaling"))
     scaling.set_value(0.55).run()
     assert any("Not computed yet" in m.value for m in at.markdown)
     at.button(key="merge-run").click().run()
@@ -77,6 +77,43 @@ def test_merge_page_runs_a_new_setting_in_the_background(app_cache, micro_suite)
     label = next(i for i in table.index if "scaling=0.55" in i)
     expected = run(RunConfig("micro", "task_arithmetic", {"scaling": 0.55}), micro_suite, cache_dir=app_cache, device="cpu")
     assert table.loc[label, "avg"] == pytest.approx(expected["average"])
+
+
+def test_merge_page_explains_every_hyperparameter(app_cache):
+    """Each widget carries the method's help text and allowed values; choices are selectboxes, ranges bound the inputs."""
+    from merging.methods import METHODS, specs
+
+    at = _page("app_pages/merge.py")
+    at.session_state["merge-methods"] = ["ties", "adamerging", "surgery", "wemoe", "tinting"]
+    at.run()
+    assert not at.exception, at.exception
+    widgets = [*at.number_input, *at.selectbox, *at.checkbox, *at.text_input]
+    helps = {w.help for w in widgets if w.help}
+    for name in ("ties", "adamerging", "surgery", "wemoe", "tinting"):
+        for h in specs(METHODS[name]):
+            if not h.params_of:
+                assert any(x.startswith(h.help) for x in helps), (name, h.name)
+    density = next(w for w in at.number_input if w.label.startswith("density") and w.key.startswith("ties-"))
+    assert (density.min, density.max) == (0.0, 1.0)
+    granularity = next(w for w in at.selectbox if w.label == "granularity")
+    assert list(granularity.options) == ["layer", "task"]
+    base = next(w for w in at.selectbox if w.key.startswith("surgery-base-"))
+    assert "adamerging" in base.options and "surgery" not in base.options
+
+
+@pytest.mark.parametrize("method, label, value, words", [
+    ("wemoe", "blocks", "bogus", "method 'wemoe': blocks='bogus'"),
+    ("adamerging", "lr", 0.0, "method 'adamerging': hyperparameter 'lr' = 0.0 is out of range; allowed: 0 < lr"),
+])  # fmt: skip
+def test_merge_page_shows_one_error_line_for_a_bad_value(app_cache, method, label, value, words):
+    at = _page("app_pages/merge.py")
+    at.session_state["merge-methods"] = [method]
+    at.run()
+    widget = next(w for w in [*at.number_input, *at.text_input] if w.label == label and w.key.startswith(f"{method}-"))
+    widget.set_value(value).run()
+    assert not at.exception, at.exception
+    assert [e.value for e in at.error] == [next(e.value for e in at.error if words in e.value)]
+    assert not any(method in str(m.value) and "Not computed yet" in str(m.value) for m in at.markdown)
 
 
 def test_method_comparison_page_shows_routing_filter_and_cross_task(app_cache, micro_suite):

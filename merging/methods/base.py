@@ -104,7 +104,7 @@ class HyperparameterSpec:
 
 def _type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) is Literal:
-        return "str"
+        return type(typing.get_args(annotation)[0]).__name__
     if typing.get_origin(annotation) in (dict, Mapping):
         return "params"
     return getattr(annotation, "__name__", str(annotation))
@@ -313,7 +313,10 @@ def build_params(method: MergeMethod, overrides: Mapping[str, Any] | None, prese
         raise ConfigError(f"bad hyperparameters for {method.name!r}: {e}") from None
     validate = getattr(params, "validate", None)
     if validate is not None:
-        validate()
+        try:
+            validate()
+        except ConfigError as e:
+            raise ConfigError(str(e) if str(e).startswith("method ") else f"method {method.name!r}: {e}") from None
     return params
 
 
