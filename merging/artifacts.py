@@ -18,7 +18,7 @@ from merging.errors import ConfigError
 from merging.features import Features
 from merging.io import atomic_write
 from merging.progress import ProgressFn, scaled
-from merging.representations import cached_features, features_dir, sample_indices
+from merging.representations import cached_features, features_present, sample_indices
 from merging.runs import load_model, run_dir
 from merging.suites.base import Suite
 
@@ -58,11 +58,8 @@ def run_features(
 def features_cached(result: dict, suite: Suite, n: int | None = None, layers: bool = False, cache_dir: str | Path = "cache",
                     seed: int = 0, tasks: Sequence[str] | None = None) -> bool:
     """Whether every task's features of a finished run (``run_features``' sample sets) are in the cache."""
-    for task in tasks if tasks is not None else result["tasks"]:
-        folder = features_dir(cache_dir, result["key"], task, sample_indices(suite.data[task].test_labels, n, seed))
-        if not (folder / "final.safetensors").is_file() or (layers and not (folder / "blocks.safetensors").is_file()):
-            return False
-    return True
+    return all(features_present(cache_dir, result["key"], t, sample_indices(suite.data[t].test_labels, n, seed), layers)
+               for t in (tasks if tasks is not None else result["tasks"]))
 
 
 def cached_cross_task_matrix(result: dict, suite: Suite, cache_dir: str | Path = "cache", device: str | None = None) -> pd.DataFrame:

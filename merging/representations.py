@@ -67,6 +67,17 @@ def features_dir(cache_dir: str | Path, run_key: str, task: str, indices: torch.
     return Path(cache_dir) / "features" / f"v{FEATURES_VERSION}" / run_key / task / (sample_set_id(indices) + ("-amp" if amp else ""))
 
 
+def feature_files(folder: Path) -> tuple[Path, Path]:
+    """The final-feature file and the per-block file of one cached sample set."""
+    return folder / f"{FINAL}.safetensors", folder / "blocks.safetensors"
+
+
+def features_present(cache_dir: str | Path, run_key: str, task: str, indices: torch.Tensor, layers: bool = False, amp: bool = False) -> bool:
+    """Whether ``cached_features`` would read this sample set (and its blocks if ``layers``) without extracting."""
+    final_path, blocks_path = feature_files(features_dir(cache_dir, run_key, task, indices, amp))
+    return final_path.is_file() and (not layers or blocks_path.is_file())
+
+
 def _logits(model: MultiTaskModel, images: torch.Tensor, z: torch.Tensor, task: str) -> torch.Tensor:
     """The head on the already-encoded ``z`` unless the model overrides ``logits`` (then call it)."""
     if type(model).logits is MultiTaskModel.logits:
@@ -144,7 +155,7 @@ def cached_features(
     data = suite.data[task]
     indices = torch.arange(len(data.test_labels)) if indices is None else indices.to(torch.int64)
     folder = features_dir(cache_dir, run_key, task, indices, amp)
-    final_path, blocks_path = folder / f"{FINAL}.safetensors", folder / "blocks.safetensors"
+    final_path, blocks_path = feature_files(folder)
     need_final, need_blocks = not final_path.is_file(), layers and not blocks_path.is_file()
     if need_final or need_blocks:
         net = model if isinstance(model, MultiTaskModel) else model()

@@ -20,8 +20,8 @@ from merging.methods.base import (
     StaticMergeMethod,
     build_params,
     hyperparameter_specs,
+    method_choices,
     params_dict,
-    registry_excluded,
 )
 from merging.methods.individual import Individual
 from merging.methods.pretrained import Pretrained
@@ -72,8 +72,7 @@ def specs(method: MergeMethod) -> list[HyperparameterSpec]:
     out = []
     for h in hyperparameter_specs(method.Params):
         if h.method_choice:
-            excluded = set(registry_excluded(method.Params, h.name)) | {method.name}
-            h = dataclasses.replace(h, choices=tuple(m for m in METHODS if m not in excluded))
+            h = dataclasses.replace(h, choices=method_choices(method, h.name, METHODS))
         out.append(h)
     return out
 

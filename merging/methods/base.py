@@ -296,9 +296,8 @@ def build_params(method: MergeMethod, overrides: Mapping[str, Any] | None, prese
         if name in values:
             spec.check(values[name], method.name)
         if spec.method_choice:
-            chosen = values.get(name, spec.default)
-            allowed = [m for m in registry if m not in registry_excluded(method.Params, name) and m != method.name]
-            if chosen == method.name or chosen in registry_excluded(method.Params, name):
+            chosen, allowed = values.get(name, spec.default), method_choices(method, name, registry)
+            if chosen in registry and chosen not in allowed:
                 raise ConfigError(f"method {method.name!r}: hyperparameter {name!r} must be a merge, not {chosen!r}; allowed: {', '.join(allowed)}")
             if chosen not in registry:
                 raise ConfigError(f"method {method.name!r}: hyperparameter {name!r} = {chosen!r} is an unknown method; allowed: {', '.join(allowed)}")
@@ -320,8 +319,10 @@ def build_params(method: MergeMethod, overrides: Mapping[str, Any] | None, prese
     return params
 
 
-def registry_excluded(params_type: type, name: str) -> tuple[str, ...]:
-    return tuple(next(f for f in fields(params_type) if f.name == name).metadata.get("exclude", ()))
+def method_choices(method: MergeMethod, name: str, registry: Mapping[str, MergeMethod]) -> tuple[str, ...]:
+    """The registered methods field ``name`` of ``method`` may name: all but the method itself and its exclusions."""
+    excluded = set(next(f for f in fields(method.Params) if f.name == name).metadata.get("exclude", ())) | {method.name}
+    return tuple(m for m in registry if m not in excluded)
 
 
 def params_dict(params: Any) -> dict[str, Any]:
