@@ -143,9 +143,8 @@ def bias_cache(app_cache):
     """The bias view's three runs and their features, as the page's background job leaves them."""
     from merging import jobs
 
-    spec = {"kind": "runs", "suite": "micro", "device": "cpu", "features": {"n": 300, "layers": True},
-            "runs": [{"method": "individual"}, {"method": "task_arithmetic"}, {"method": "surgery", "params": {"base": "task_arithmetic"}, "preset": "fast"}]}
-    jobs.execute(spec, app_cache, lambda f, m: None)
+    runs = (RunConfig("micro", "individual"), RunConfig("micro", "task_arithmetic"), RunConfig("micro", "surgery", {"base": "task_arithmetic"}, "fast"))
+    jobs.execute(jobs.RunsJob("micro", runs, "cpu", jobs.FeaturesRequest(n=300, layers=True)), app_cache, lambda f, m: None)
     return app_cache
 
 

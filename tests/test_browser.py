@@ -82,7 +82,7 @@ def test_overview_in_browser(server, page):
 def test_merge_page_starts_a_run_and_shows_its_table(server, page):
     open_page(page, server, "merge")
     page.get_by_text("Methods").first.wait_for(timeout=30_000)
-    box = page.get_by_label("scaling").first
+    box = page.get_by_label("scaling (λ)", exact=True).first
     box.fill("0.37")  # a value no other test computes, so the run is new
     box.press("Enter")
     page.get_by_text("Not computed yet").wait_for(timeout=60_000)  # the rerun with the new value has drawn
@@ -93,14 +93,35 @@ def test_merge_page_starts_a_run_and_shows_its_table(server, page):
     shot(page, "merge")
 
 
+def test_a_deep_link_as_a_fresh_servers_first_request_renders_with_navigation(micro_suite, micro_cache, page):
+    """Pages live in app_pages/, not pages/: with pages/, Streamlit's legacy discovery would run merge.py without
+    app.py (no navigation, no page config) when a fresh server's first request is a deep link."""
+    from merging.methods import get_method
+
+    for m in BASELINES:
+        run(RunConfig("micro", m), micro_suite, cache_dir=micro_cache, device="cpu")
+    env = {"MERGELENS_CACHE": str(micro_cache), "MERGELENS_DEFAULT_SUITE": "micro"}
+    with serve(env, log=micro_cache / "streamlit-deeplink.log") as url:
+        open_page(page, url, "merge")  # nothing has been requested from this server before
+        page.get_by_role("heading", name="Merge").first.wait_for(timeout=60_000)
+        nav = page.locator("[data-testid='stSidebarNav']")
+        nav.wait_for(timeout=30_000)
+        for title in ("Overview", "Merge", "Representation bias", "Method comparison", "Ablations"):
+            assert nav.get_by_text(title, exact=True).count() == 1, title
+        # the hyperparameters explain themselves: hovering the help icon shows the method's own words
+        page.get_by_role("button", name="Help for scaling (λ)").first.hover()
+        help_text = get_method("task_arithmetic").Params.__dataclass_fields__["scaling"].metadata["help"]
+        page.get_by_text(help_text[:40]).first.wait_for(timeout=30_000)
+        shot(page, "merge_help_tooltip")
+
+
 @pytest.fixture(scope="module")
 def bias_ready(micro_suite, micro_cache):
     """The bias view's runs and features, computed as the page's background job would."""
     from merging import jobs
 
-    spec = {"kind": "runs", "suite": "micro", "device": "cpu", "features": {"n": 300, "layers": True},
-            "runs": [{"method": "individual"}, {"method": "task_arithmetic"}, {"method": "surgery", "params": {"base": "task_arithmetic"}, "preset": "fast"}]}
-    jobs.execute(spec, micro_cache, lambda f, m: None)
+    runs = (RunConfig("micro", "individual"), RunConfig("micro", "task_arithmetic"), RunConfig("micro", "surgery", {"base": "task_arithmetic"}, "fast"))
+    jobs.execute(jobs.RunsJob("micro", runs, "cpu", jobs.FeaturesRequest(n=300, layers=True)), micro_cache, lambda f, m: None)
 
 
 def test_representation_bias_lasso_shows_images(server, page, bias_ready):
