@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from merging.suites.clip.convert import convert_task_vectors
+from merging.suites.clip.suite import check
+
 
 def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
     return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
@@ -33,16 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from merging.suites.clip.convert import convert_task_vectors
-
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
     convert_task_vectors(args.root, args.model, args.out, trust=args.trust, tasks=tasks)
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from merging.suites.clip.suite import check
-
     report = check(args.config)
     for ok, message in report:
         print(f"{'ok  ' if ok else 'FAIL'}  {message}")

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
-from merging.cli import add_common, parse_sets
+import pandas as pd
+
+from merging import jobs
+from merging.cli.common import add_common, parse_method, parse_sets
 from merging.errors import ConfigError
+from merging.evaluation import accuracy_table, normalized_table
+from merging.io import atomic_write, load_yaml_mapping, save_json
+from merging.merge_files import merge_files
+from merging.methods import BASELINES, METHODS, specs
+from merging.methods_doc import methods_markdown
+from merging.runs import RunConfig, program_report, run
+from merging.suites import BUILTIN_SUITES, get_suite
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,7 +84,7 @@ def register_jobs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("job", help="(internal) the background worker: run one queued job by id")
     p.add_argument("job_id")
     p.add_argument("--cache-dir", default="cache")
-    p.set_defaults(func=lambda a: __import__("merging.jobs", fromlist=["work"]).work(a.job_id, a.cache_dir))
+    p.set_defaults(func=lambda a: jobs.work(a.job_id, a.cache_dir))
     p = sub.add_parser("jobs", help="list background jobs and their status")
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--cancel", default=None, metavar="JOB_ID", help="cancel a running job")
@@ -81,8 +92,6 @@ def register_jobs(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from merging import jobs
-
     if args.cancel:
         jobs.cancel(args.cache_dir, args.cancel)
     for j in jobs.list_jobs(args.cache_dir):
@@ -91,10 +100,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_list_methods(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from merging.methods import METHODS, specs
-
     if args.json:
         described = [{**m.describe(), "hyperparameters": [dataclasses.asdict(h) for h in specs(m)]} for m in METHODS.values()]
         print(json.dumps(described, indent=2, default=str))
@@ -110,9 +115,6 @@ def cmd_list_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
-    from merging.io import atomic_write
-    from merging.methods_doc import methods_markdown
-
     text = methods_markdown()
     path = Path(args.out)
     if args.check:
@@ -125,8 +127,6 @@ def cmd_docs(args: argparse.Namespace) -> int:
 
 
 def cmd_suite_build(args: argparse.Namespace) -> int:
-    from merging.suites import get_suite
-
     suite = get_suite(args.name, seed=args.seed, cache_dir=args.cache_dir)
     secs = suite.info.get("build_seconds", {})
     print(f"suite {suite.name}: {len(suite.tasks)} tasks ({', '.join(suite.tasks)}); fingerprint {suite.fingerprint}")
@@ -136,16 +136,12 @@ def cmd_suite_build(args: argparse.Namespace) -> int:
 
 
 def cmd_suite_list(args: argparse.Namespace) -> int:
-    from merging.suites import BUILTIN_SUITES
-
     for name, r in BUILTIN_SUITES.items():
         print(f"{name:<8} {len(r.tasks)} tasks: {', '.join(r.tasks)}")
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from merging.merge_files import merge_files
-
     finetuned: dict[str, str] = {}
     for item in args.finetuned:
         name, path = item.split("=", 1) if "=" in item else (Path(item).stem, item)
@@ -169,11 +165,8 @@ def _print_result(result: dict) -> None:
 
 def run_config(args: argparse.Namespace):
     """The run described by ``--config`` (a YAML mapping), with any flag given on the command line on top."""
-    from merging.runs import RunConfig
-
     raw: dict = {}
     if args.config:
-        from merging.io import load_yaml_mapping
 
         raw = load_yaml_mapping(args.config, "run config")
     where = f"--config {args.config}" if args.config else "run"
@@ -186,10 +179,6 @@ def run_config(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from merging.io import save_json
-    from merging.runs import program_report, run
-    from merging.suites import get_suite
-
     config = run_config(args)
     suite = get_suite(config.suite, cache_dir=args.cache_dir)
     if config.tasks:
@@ -206,11 +195,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def baseline_table(suite_name: str, methods: list[str], ta_grid: list[float], cache_dir: str, device: str | None, preset: str | None = None):
     """Run (or load) each method spec and return the accuracy table, row labels like ``task_arithmetic(scaling=0.3)``."""
-    from merging.cli import parse_method
-    from merging.evaluation import accuracy_table
-    from merging.runs import RunConfig, run
-    from merging.suites import get_suite
-
     suite = get_suite(suite_name, cache_dir=cache_dir)
     rows = {}
     for spec in methods:
@@ -226,11 +210,6 @@ def baseline_table(suite_name: str, methods: list[str], ta_grid: list[float], ca
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from merging.evaluation import normalized_table
-    from merging.methods import BASELINES
-
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(BASELINES)
     grid = [float(x) for x in args.ta_grid.split(",")] if args.ta_grid else []
     table = baseline_table(args.suite, methods, grid, args.cache_dir, args.device, args.preset)
@@ -240,7 +219,6 @@ def cmd_table(args: argparse.Namespace) -> int:
             print("\nnormalized accuracy (% of individual):")
             print(normalized_table(table))
     if args.csv:
-        from merging.io import atomic_write
 
         atomic_write(args.csv, lambda tmp: table.to_csv(tmp, float_format="%.2f"))
         print(f"wrote {args.csv}")

@@ -9,8 +9,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from merging.cli import add_common, parse_method, parse_sets
+import pandas as pd
+
+from merging.artifacts import run_features
+from merging.cli.common import add_common, parse_method, parse_sets
 from merging.errors import ConfigError
+from merging.io import atomic_write
+from merging.metrics import bias_table, wide
+from merging.projection import joint_projection, write_html
+from merging.runs import RunConfig, run
+from merging.suites import get_suite
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,10 +70,6 @@ def _method_list(text: str) -> list[str]:
 
 def _features(args: argparse.Namespace, specs: list[str], layers: bool = False) -> tuple[list[str], dict[str, dict]]:
     """Run (or load) each method spec and return the tasks and ``{task: {spec: Features}}``."""
-    from merging.artifacts import run_features
-    from merging.runs import RunConfig, run
-    from merging.suites import get_suite
-
     suite = get_suite(args.suite, cache_dir=args.cache_dir)
     tasks = suite.tasks if args.task == "all" else suite.check_tasks([t.strip() for t in args.task.split(",")])
     out: dict[str, dict] = {t: {} for t in tasks}
@@ -92,11 +96,6 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_project(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from merging.io import atomic_write
-    from merging.projection import joint_projection, write_html
-
     if not (args.html or args.csv):
         raise ConfigError("project: give --html and/or --csv to say where the points go")
     specs = _method_list(args.methods)
@@ -119,12 +118,6 @@ def cmd_project(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from merging.io import atomic_write
-    from merging.metrics import bias_table, wide
-    from merging.projection import joint_projection
-
     specs = _method_list(args.methods)
     specs = [args.reference, *[s for s in specs if s != args.reference]]
     tasks, feats = _features(args, specs, args.layers)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from merging.cli import add_common, parse_sets
+import pandas as pd
+
+from merging.cli.common import add_common, parse_sets
+from merging.errors import ConfigError
+from merging.io import atomic_write
+from merging.sweeps import SweepConfig, load_config, parse_grid, run_sweep
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,9 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def sweep_from_args(args: argparse.Namespace):
-    from merging.errors import ConfigError
-    from merging.sweeps import SweepConfig, load_config, parse_grid
-
     base = load_config(args.config).to_dict() if args.config else {"suite": "mini8", "params": {}}
     if not args.config and not args.method:
         raise ConfigError("give --config FILE or --method NAME with at least one --grid KEY=V1,V2")
@@ -56,11 +58,6 @@ def sweep_from_args(args: argparse.Namespace):
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from merging.io import atomic_write
-    from merging.sweeps import run_sweep
-
     config = sweep_from_args(args)
     result = run_sweep(config, cache_dir=args.cache_dir, device=args.device, executor=args.executor, workers=args.workers,
                        address=args.address, progress=lambda f, m: print(f"  {100 * f:5.1f}%  {m}", flush=True))

@@ -194,7 +194,6 @@ class MergeMethod:
             "paper_url": self.paper_url,
             "data_dependent": self.data_dependent,
             "params": {f.name: _default_of(f) for f in fields(self.Params)},
-            "hyperparameters": [dataclasses.asdict(h) for h in hyperparameter_specs(self.Params)],
             "presets": self.presets,
         }
 
