@@ -183,3 +183,18 @@ def test_v2_rejects_a_base_without_static_blocks(tiny_suite):
 
     with pytest.raises(ConfigError, match="SurgeryV2 needs"):
         SurgeryModel(PerSampleModel(), dim=8, rank=4, width=16, layers=2)
+
+
+def test_the_base_run_and_the_modules_follow_the_runs_seed_and_device(tiny_suite, tmp_path):
+    """The nested base run is resolved by ``runs`` with the outer run's seed, device and cache (it used to run at
+    seed 0 on the default device), and Surgery's modules are drawn from the run's seed (they always used seed 0)."""
+    overrides = {"base": "adamerging", "base.steps": 2, "base.granularity": "task", "iterations": 2}
+    models = {seed: build_model(RunConfig(tiny_suite.name, "surgery", overrides, "fast", seed), tiny_suite, tmp_path, "cpu")[0]
+              for seed in (0, 1)}
+    assert not torch.equal(models[0].final["a"].down.weight, models[1].final["a"].down.weight)
+    again = build_model(RunConfig(tiny_suite.name, "surgery", overrides, "fast", 1), tiny_suite, tmp_path, "cpu")[0]
+    assert torch.equal(again.final["a"].down.weight, models[1].final["a"].down.weight)
+    from merging.io import load_json
+
+    bases = [load_json(p) for p in (tmp_path / "runs").glob("adamerging-*/result.json")]
+    assert sorted(b["seed"] for b in bases) == [0, 1] and {b["device"] for b in bases} == {"cpu"}
