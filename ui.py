@@ -13,7 +13,7 @@ import streamlit as st
 from merging import artifacts, jobs
 from merging.device import default_device, default_preset
 from merging.errors import MergeLensError
-from merging.runs import RunConfig, cached_result
+from merging.runs import RunConfig, cached_result, load_model
 from merging.suites import Suite, get_suite, is_built, list_suites
 
 CACHE_DIR = Path(os.environ.get("MERGELENS_CACHE", Path(__file__).resolve().parent / "cache"))
@@ -143,8 +143,6 @@ def start_job(job: jobs.Job, automatic: bool = False) -> str | None:
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=8)
 def load_run_model(key: str, suite_name: str, _result: dict):
-    from merging.runs import load_model
-
     return load_model(_result, load_suite(suite_name), CACHE_DIR)
 
 

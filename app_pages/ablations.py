@@ -1,6 +1,5 @@
 """Ablations: a sweep's accuracy (and mean L1 bias) against each swept value, error bands over seeds."""
 
-import dataclasses
 
 import plotly.express as px
 import plotly.graph_objects as go
@@ -10,7 +9,7 @@ import ui
 from merging import sweeps
 from merging.errors import MergeLensError
 from merging.jobs import SweepJob
-from merging.methods import METHODS
+from merging.methods import METHODS, specs
 
 settings = ui.sidebar()
 st.title("Ablations")
@@ -33,7 +32,7 @@ def new_sweep() -> sweeps.SweepConfig:
     """A small sweep on the sidebar's suite: one or two swept keys, comma-separated values, seeds."""
     names = [m for m in METHODS if m not in ("pretrained", "individual")]
     method = st.selectbox("Method", names, index=names.index("task_arithmetic"), format_func=lambda m: METHODS[m].title, key="abl-method")
-    keys = [f.name for f in dataclasses.fields(METHODS[method].Params)] + ["num_tasks"]
+    keys = [h.name for h in specs(METHODS[method]) if not h.params_of] + ["num_tasks"]
     cols = st.columns(3)
     grid = {cols[0].selectbox("Swept key", keys, key="abl-key1"): sweeps.parse_values(cols[0].text_input("Values", "0.1,0.3,0.5", key="abl-values1"))}
     if cols[1].checkbox("Second key", key="abl-two"):

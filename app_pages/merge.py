@@ -49,10 +49,13 @@ def param_widgets(method_name: str, prefix: str = "", used: str | None = None) -
     for h in specs(method):
         key = f"{prefix}{method_name}-{h.name}-{used}"
         if h.params_of:
-            base = METHODS[overrides.get(h.params_of, defaults[h.params_of])]
-            base_preset = overrides.get(f"{h.params_of}_preset", defaults.get(f"{h.params_of}_preset"))
+            try:
+                base_input = method.inputs(make_params(method, overrides, used))[h.params_of]
+            except ConfigError:
+                continue  # the page's error line says what is wrong with the fields above
+            base = METHODS[base_input.method]
             st.caption(f"**{base.title}** hyperparameters ({h.params_of}.KEY)")
-            nested = param_widgets(base.name, f"{key}-", base_preset if base_preset in base.presets else None)
+            nested = param_widgets(base.name, f"{key}-", base_input.preset if base_input.preset in base.presets else None)
             overrides.update({f"{h.params_of}.{k}": v for k, v in nested.items()})
             continue
         new = widget(h, defaults[h.name], key)

@@ -101,7 +101,7 @@ def bench_features(device: str, images_per_task: int, cache_dir: str) -> list[st
     suite = get_suite("micro", cache_dir=cache_dir)
     rows = [f"| model | path | images | images/s ({device}) |", "|---|---|---:|---:|"]
     for method in ("task_arithmetic", "individual"):
-        model = build_model(RunConfig("micro", method), suite, device)[0].eval().to(device)
+        model = build_model(RunConfig("micro", method), suite, device=device)[0].eval().to(device)
         total = {"raw forward": 0.0, "extract (encode+head)": 0.0, "extract + blocks": 0.0, "cached read": 0.0}
         count = 0
         with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from merging import feature_cache  # noqa: E402
 from merging.methods import RunContext, get_method, make_params  # noqa: E402
 from merging.methods.surgery import fit_cached, index_schedule, individual_model  # noqa: E402
+from merging.runs import RunConfig, build_model  # noqa: E402
 from merging.suites import get_suite  # noqa: E402
 
 
@@ -44,8 +45,7 @@ def timed(fn) -> float:
 
 
 def bench_surgery(suite, iterations: int) -> list[tuple[str, str, str]]:
-    method = get_method("surgery")
-    model = method.build(suite, make_params(method, {"iterations": iterations}, "fast")).train()
+    model = build_model(RunConfig(suite.name, "surgery", {"iterations": iterations}, "fast"), suite, device="cpu")[0].train()
     reference = copy.deepcopy(model)
     individual = individual_model(suite, suite.tasks)
     sizes = {t: len(suite.data[t].test_images) for t in suite.tasks}
@@ -73,8 +73,8 @@ def bench_surgery(suite, iterations: int) -> list[tuple[str, str, str]]:
 
 def bench_v2(suite, iterations: int) -> tuple[str, str, str]:
     method = get_method("surgery")
-    params = make_params(method, {"version": 2, "iterations": iterations}, "fast")
-    model = method.build(suite, params).train()
+    model, _, params, _ = build_model(RunConfig(suite.name, "surgery", {"version": 2, "iterations": iterations}, "fast"), suite, device="cpu")
+    model.train()
     t = timed(lambda: method.adapt(model, suite, params, RunContext()))
     steps = iterations * 2 * len(suite.tasks)
     return ("SurgeryV2 (re-runs the base encoder; targets cached)", f"{t:.2f} s", f"{steps} steps, {steps / t:.0f} steps/s incl. caching")

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from merging.artifacts import run_features
 from merging.errors import ConfigError, MergeLensError
 from merging.io import load_json, save_json
 from merging.progress import ProgressFn
 from merging.runs import RunConfig, run
-from merging.sweeps import SweepConfig
+from merging.suites import Suite, get_suite
+from merging.sweeps import SweepConfig, run_sweep
 
 ACTIVE = ("queued", "running")
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,8 +244,6 @@ def _write(folder: Path, status: dict) -> None:
 # ------------------------------------------------------------------------------------- the worker
 def execute(job: Job | Mapping[str, Any], cache_dir: str | Path, progress: ProgressFn) -> Any:
     """Do the work of a job in this process; returns a JSON-able result."""
-    from merging.suites import get_suite
-
     if not isinstance(job, SuiteJob | RunsJob | SweepJob):
         job = job_from_dict(job)
     features = job.features if isinstance(job, RunsJob) else None
@@ -257,14 +257,12 @@ def execute(job: Job | Mapping[str, Any], cache_dir: str | Path, progress: Progr
     if isinstance(job, SuiteJob):
         return {"suite": suite.name, "fingerprint": suite.fingerprint}
     if isinstance(job, SweepJob):
-        from merging.sweeps import run_sweep
-
         done = run_sweep(job.sweep, suite, cache_dir, job.device, job.executor, job.workers, job.address, progress)
         return {"sweep": done.id, "computed": done.computed, "cached": done.cached}
     return execute_runs(job, suite, cache_dir, progress)
 
 
-def execute_runs(job: RunsJob, suite, cache_dir: str | Path, progress: ProgressFn) -> dict:
+def execute_runs(job: RunsJob, suite: Suite, cache_dir: str | Path, progress: ProgressFn) -> dict:
     share = 0.7 if job.features else 1.0
     results = []
     for i, config in enumerate(job.runs):
@@ -274,8 +272,6 @@ def execute_runs(job: RunsJob, suite, cache_dir: str | Path, progress: ProgressF
 
         results.append(run(config, suite, cache_dir=cache_dir, device=job.device, progress=sub))
     if job.features:
-        from merging.artifacts import run_features
-
         request, sets = job.features, []
         for i, r in enumerate(results):
 

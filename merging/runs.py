@@ -61,6 +61,8 @@ class RunConfig:
         tasks = raw.get("tasks")
         if isinstance(tasks, str):
             tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+        if tasks is not None and not (isinstance(tasks, list | tuple) and all(isinstance(t, str) for t in tasks)):
+            raise ConfigError(f"{where}: 'tasks' must be task names (a list, or a comma-separated string), got {tasks!r}")
         try:
             seed = int(raw.get("seed", 0) or 0)
         except (TypeError, ValueError):
@@ -98,7 +100,7 @@ def run_key(config: RunConfig, suite: Suite, method: MergeMethod, params: Any) -
         "method": method.name,
         "params": params_dict(params),
         "seed": config.seed,
-        "tasks": list(config.tasks) if config.tasks else None,
+        "tasks": list(config.tasks) if config.tasks and list(config.tasks) != list(suite.tasks) else None,
         "code": code_version(method),
     }
     digest = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -204,10 +206,11 @@ def run(
 
 def load_model(result: dict, suite: Suite, cache_dir: str | Path = "cache", device: str | None = None) -> MultiTaskModel:
     """Rebuild a finished run's model: the method's deterministic init (its inputs loaded from their cached
-    runs) plus its saved trainable state. ``suite`` is the whole suite the run was made on, or its subset."""
+    runs) plus its saved trainable state. ``suite`` is the whole suite the run was made on (the run's
+    ``tasks`` select its subset; every task is keyed as no subset, so a base run is found again)."""
     tasks = tuple(result["tasks"]) if list(result["tasks"]) != list(suite.tasks) else None
     config = RunConfig(result["suite"], result["method"], result["params"], None, result.get("seed", 0), tasks)
-    model = build_model(config, suite, cache_dir, device or result.get("device"))[0]
+    model = build_model(config, suite, cache_dir, device)[0]
     state_path = run_dir(cache_dir, result["key"]) / "state.safetensors"
     if state_path.is_file():
         model.load_trainable_state(load_state_dict(state_path, check_finite=False))

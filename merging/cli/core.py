@@ -172,7 +172,10 @@ def run_config(args: argparse.Namespace):
     where = f"--config {args.config}" if args.config else "run"
     flags = {"suite": args.suite, "method": args.method, "preset": args.preset, "seed": args.seed, "tasks": args.tasks}
     raw.update({k: v for k, v in flags.items() if v is not None})
-    raw["params"] = {**(raw.get("params") or {}), **parse_sets(args.set)}
+    params = raw.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: 'params' must be a mapping of hyperparameter: value, got {params!r}")
+    raw["params"] = {**params, **parse_sets(args.set)}
     if not raw.get("method"):
         raise ConfigError(f"{where}: no method; give --method NAME or 'method:' in the YAML")
     return RunConfig.from_dict(raw, where)
