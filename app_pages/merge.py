@@ -23,7 +23,7 @@ picked = st.multiselect("Methods", choices, default=[m for m in ("task_arithmeti
 
 def widget(h: HyperparameterSpec, value, key: str):
     """One input for one hyperparameter: its help text and allowed values from the method's dataclass."""
-    label = f"{h.name} ({h.unit})" if h.unit else h.name
+    label = f"{h.name} ({h.unit})" if h.unit and h.unit != h.name else h.name
     help_text = f"{h.help} Allowed: {h.allowed()}."
     if h.type == "bool":
         return st.checkbox(label, value=bool(value), key=key, help=help_text)
