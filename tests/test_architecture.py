@@ -44,7 +44,7 @@ def import_graph() -> nx.DiGraph:
     graph = nx.DiGraph()
     for name, path in known.items():
         graph.add_node(name)
-        graph.add_edges_from((name, target) for target in imported(path.read_text(), name, path.name == "__init__.py", known))
+        graph.add_edges_from((name, target) for target in imported(path.read_text(encoding="utf-8"), name, path.name == "__init__.py", known))
     return graph
 
 
@@ -71,12 +71,12 @@ def test_methods_never_import_runs_or_jobs():
 
 def test_the_library_never_imports_streamlit():
     for path in PACKAGE.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] == "streamlit" for n in names), path
 
 
 def test_ui_names_no_cache_file():
-    text = (ROOT / "ui.py").read_text()
+    text = (ROOT / "ui.py").read_text(encoding="utf-8")
     for needle in (".safetensors", "manifest.json", "result.json", "status.json", "suite_dir", "features_dir", "run_dir", '"runs"', '"features"'):
         assert needle not in text, needle

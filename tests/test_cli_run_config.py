@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_docs_methods_md_is_current():
-    assert (ROOT / "docs" / "methods.md").read_text() == methods_markdown(), "stale: run python -m merging docs"
+    assert (ROOT / "docs" / "methods.md").read_text(encoding="utf-8") == methods_markdown(), "stale: run python -m merging docs"
 
 
 def test_list_methods_prints_every_hyperparameters_help(capsys):

@@ -118,10 +118,10 @@ def cmd_docs(args: argparse.Namespace) -> int:
     text = methods_markdown()
     path = Path(args.out)
     if args.check:
-        current = path.is_file() and path.read_text() == text
+        current = path.is_file() and path.read_text(encoding="utf-8") == text
         print(f"{path} is {'current' if current else 'stale: run python -m merging docs'}")
         return 0 if current else 1
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     print(f"wrote {path}")
     return 0
 
