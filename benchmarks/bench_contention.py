@@ -91,6 +91,7 @@ def measure(args: argparse.Namespace) -> dict:
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # tqdm draws nothing 0 columns wide
     progress: dict = {"last": ""}
     reader = threading.Thread(target=read_progress, args=(master, progress), daemon=True)
+    proc = None
     try:
         time.sleep(1.0 if busy else 0.0)  # let the busy processes get going
         cmd = [args.python, "-m", "merging", "suite", "build", args.suite, "--cache-dir", str(cache)]
@@ -152,6 +153,9 @@ def measure(args: argparse.Namespace) -> dict:
             "trace": trace,  # (wall s, CPU s, progress line) every --sample seconds
         }
     finally:
+        if proc is not None and proc.returncode is None:  # stopped from outside (Ctrl-C, SIGTERM): stop the build too
+            proc.kill()
+            proc.wait()
         for b in busy:
             b.kill()
             b.wait()
@@ -188,6 +192,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="append the result as one JSON line to this file")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="only compare two kept suite folders")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the build and the busy processes are stopped too
     if args.compare:
         sys.exit(0 if compare(*args.compare) else 1)
     result = measure(args)
