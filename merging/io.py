@@ -8,11 +8,13 @@ renamed into place, so a killed process never leaves a file that is later read a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -21,6 +23,10 @@ from safetensors.torch import load_file, save_file
 from merging.errors import CheckpointError, ConfigError
 
 StateDict = dict[str, torch.Tensor]
+T = TypeVar("T")
+log = logging.getLogger("merging")
+STALE_TEMP_SECONDS = 3600
+"""A temporary file of ``atomic_write`` older than this was left by a killed write, not one in progress."""
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -40,6 +46,44 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def read_cached(path: str | Path, read: Callable[[Path], T], what: str = "cache entry") -> T | None:
+    """``read(path)`` if the cached file is there and readable, else None (the caller recomputes).
+
+    A damaged entry (truncated, empty, not what ``read`` expects: any exception ``read`` raises) is never
+    read as valid: one warning line names it, it is deleted, and None is returned.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return read(path)
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the reader raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("warning: %s: damaged %s (%s); recomputing it", path, what, reason[:200])
+        path.unlink(missing_ok=True)
+        return None
+
+
+def remove_stale_temps(folder: str | Path, older_than: float = STALE_TEMP_SECONDS) -> int:
+    """Delete ``atomic_write``'s leftover temporary files (``.<name>.*.tmp``) under ``folder``; returns how many.
+
+    Only files older than ``older_than`` seconds go, so a write in progress in another process is kept.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    cutoff = time.time() - older_than
+    removed = 0
+    for tmp in folder.rglob(".*.tmp"):
+        try:
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def load_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
