@@ -9,7 +9,7 @@ order). A task outside this table takes its class names from its data folders an
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from functools import cache
 from pathlib import Path
 
@@ -169,5 +169,12 @@ def templates(task: str) -> tuple[str, ...]:
 
 
 def normalize_name(name: str) -> str:
-    """Compare class and folder names ignoring case, spaces, underscores and punctuation ('Ram C/V' == 'Ram C-V')."""
-    return re.sub(r"[^0-9a-z]", "", name.lower())
+    """A class or folder name's matching key: ignores case, spaces, underscores and punctuation, in every script.
+
+    NFKC first, so that one name written differently compares equal: macOS stores folder names decomposed
+    (``e`` + U+0301, Hangul jamo), and full-width ``Ａ`` or ``１`` come from East Asian keyboards. Then casefold
+    (``Straße`` == ``STRASSE``, ``Ёлка`` == ``ёлка``) and keep letters, marks and digits of every script, so that
+    ``猫`` or ``кошка`` keep their letters instead of all becoming ``""``; 'Ram C/V' == 'Ram C-V' as before.
+    """
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+    return "".join(ch for ch in folded if unicodedata.category(ch)[0] in "LMN")

@@ -16,7 +16,7 @@ from merging.errors import MergeLensError
 from merging.progress import ProgressFn, track
 from merging.suites.base import Suite
 from merging.suites.clip.heads import head_path, load_head, text_state, zero_shot_heads
-from merging.suites.clip.images import load_task_data, val_transform
+from merging.suites.clip.images import FolderTaskData, describe_skipped, load_task_data, unreadable_images, val_transform
 from merging.suites.clip.weights import (
     create_clip,
     encoder_config,
@@ -92,6 +92,8 @@ def check_suite(config: SuiteConfig) -> list[tuple[bool, str]]:
     for t in tasks:
         attempt(lambda t=t: load_finetuned(config, t, reference, proj) and None, f"{t}: fine-tuned checkpoint fits {arch}")
         data = attempt(lambda t=t: load_task_data(config, t, transform), lambda d: f"{d.name}: {len(d.test_images)} test images, {d.num_classes} classes in {d.folder}")
+        if data is not None:
+            report.extend(_data_lines(data))
         try:
             path = head_path(config, t)
         except MergeLensError as e:
@@ -106,11 +108,28 @@ def check_suite(config: SuiteConfig) -> list[tuple[bool, str]]:
     return report
 
 
+def _data_lines(data: FolderTaskData, shown: int = 5) -> list[tuple[bool, str]]:
+    """What the data folder held besides classes and images (ok, informational), and whether every counted image decodes."""
+    lines = []
+    skipped = describe_skipped(data)
+    if skipped:
+        lines.append((True, skipped))
+    files = data.test_images.files
+    bad = unreadable_images(files)
+    if not bad:
+        return [*lines, (True, f"{data.name}: all {len(files)} images decode")]
+    named = ", ".join(f"{path} ({why})" for path, why in bad[:shown])
+    more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+    lines.append((False, f"{data.name}: {len(bad)} of {len(files)} images cannot be decoded: {named}{more}; replace or remove them"))
+    return lines
+
+
 def check(path: str | Path) -> list[tuple[bool, str]]:
     """Validate a config and everything it points to: ``[(ok, message)]``, one line per item checked.
 
     Reads every checkpoint (one at a time), every data folder and every head file with the same code
-    the loader uses, so a config that checks clean loads; it does not build zero-shot heads.
+    the loader uses, and decodes every image it counts (in parallel), so a config that checks clean
+    loads and runs; it does not build zero-shot heads.
     """
     try:
         config = load_config(path)
