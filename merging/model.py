@@ -8,7 +8,9 @@ written once (DESIGN.md, "The one abstraction").
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +31,63 @@ def build_encoder(config: Mapping) -> nn.Module:
         kw = {k: v for k, v in config.items() if k != "kind"}
         return VisionTransformer(**kw)
     if kind == "open_clip":
-        import open_clip
-
-        model = open_clip.create_model(config["name"], pretrained=None, **config.get("kwargs", {}))
-        return model.visual
+        return create_open_clip(config["name"], **config.get("kwargs", {})).visual
     raise ConfigError(f"unknown encoder kind {kind!r}; known: 'vit', 'open_clip'")
+
+
+_RANDOM_INIT_NOTICE = "No pretrained weights loaded for model"
+"""open_clip's warning for ``pretrained=None`` (open_clip/factory.py). MergeLens always asks for random
+weights and loads its own, so the notice reports no problem; stderr is kept for problems."""
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith(_RANDOM_INIT_NOTICE) and "open_clip" in record.pathname)
+
+
+class _LastResort(logging.Handler):
+    """Hands records to ``logging.lastResort``, as Python does when the root logger has no handler."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        last = logging.lastResort
+        if last is not None and record.levelno >= last.level:
+            last.handle(record)
+
+
+@contextmanager
+def _without_random_init_notice() -> Iterator[None]:
+    """Drop only open_clip's random-init notice while a model is created; every other record passes.
+
+    open_clip logs through the root logger with ``logging.warning``, so the filter sits on the root logger
+    (a filter there sees only records logged on root itself, not those of other libraries' loggers), and
+    only for the duration of the call. ``logging.warning`` also calls ``basicConfig()`` when the root
+    logger has no handler, which would leave a stderr handler behind for the whole process; a temporary
+    handler that does what Python does without one (``logging.lastResort``) keeps logging as it was.
+    """
+    root = logging.getLogger()
+    notice = _DropRandomInitNotice()
+    fallback = _LastResort() if not root.handlers else None
+    root.addFilter(notice)
+    if fallback is not None:
+        root.addHandler(fallback)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+        if fallback is not None:
+            root.removeHandler(fallback)
+
+
+def create_open_clip(name: str, **kwargs) -> nn.Module:
+    """An open_clip model with random weights (``pretrained=None``: nothing is downloaded), created quietly.
+
+    The one place MergeLens creates open_clip models, so the expected random-init notice is dropped once,
+    for every caller, and nothing else is silenced.
+    """
+    import open_clip
+
+    with _without_random_init_notice():
+        return open_clip.create_model(name, pretrained=None, **kwargs)
 
 
 class Head(nn.Module):

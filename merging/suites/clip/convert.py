@@ -17,7 +17,7 @@ from torch import nn
 
 from merging.errors import CheckpointError
 from merging.io import check_compatible, save_json, save_state_dict
-from merging.suites.clip.weights import CONVERTED_FORMAT, StateDict, to_float32, visual_state
+from merging.suites.clip.weights import CONVERTED_FORMAT, StateDict, describe, to_float32, unwrap, visual_state
 
 
 class _Stub(nn.Module):
@@ -104,15 +104,16 @@ def convert_task_vectors(
         raise CheckpointError(f"{src}: no <Task>/finetuned.pt folders")
     out = Path(out).expanduser()
 
-    def encoder(path: Path) -> tuple[StateDict, set[str]]:
+    def encoder(path: Path) -> tuple[StateDict, str, set[str]]:
+        """The module's tensors without the wrapper prefix (task_vectors' ``ImageEncoder`` keeps the CLIP as ``model.``)."""
         log(f"unpickling {path} (torch.load weights_only=False, trusted by --trust)")
         obj = _unpickle(path)
-        state = _module_tensors(obj)
-        return state, _module_classes(obj)
+        state, prefix = unwrap(_module_tensors(obj), str(path))
+        return state, describe(path, prefix), _module_classes(obj)
 
-    state, classes = encoder(zeroshot)
-    logit_scale = next((float(v) for k, v in state.items() if k.endswith("logit_scale")), None)
-    visual = to_float32(visual_state(state, str(zeroshot)))
+    state, where, classes = encoder(zeroshot)
+    logit_scale = float(state["logit_scale"]) if "logit_scale" in state else None
+    visual = to_float32(visual_state(state, where))
     if not visual or "conv1.weight" not in visual:
         raise CheckpointError(f"{zeroshot}: holds no open_clip image encoder (no visual.conv1.weight)")
     quick_gelu = "QuickGELU" in classes
@@ -120,9 +121,9 @@ def convert_task_vectors(
     heads = []
     for t in tasks:
         path = src / t / "finetuned.pt"
-        ft, _ = encoder(path)
-        ft_visual = to_float32(visual_state(ft, str(path)))
-        check_compatible(visual, ft_visual, str(zeroshot), str(path))
+        ft, ft_where, _ = encoder(path)
+        ft_visual = to_float32(visual_state(ft, ft_where))
+        check_compatible(visual, ft_visual, where, ft_where)
         save_state_dict(ft_visual, out / "finetuned" / f"{t}.safetensors")
         head = src / f"head_{t}.pt"
         if head.is_file():

@@ -6,8 +6,6 @@ and the prompt templates; the image encoder never does.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -17,13 +15,16 @@ from torch import nn
 
 import merging.suites.templates as tpl
 from merging.errors import CheckpointError, ConfigError, DataError
-from merging.io import check_compatible, load_state_dict
+from merging.hashing import Digest, state_digest
+from merging.io import check_compatible, load_state_dict, read_cached
 from merging.progress import ProgressFn, track
 from merging.suites.clip.hf_keys import hf_clip_to_open_clip
-from merging.suites.clip.weights import Pretrained, StateDict, create_clip, read_weights
+from merging.suites.clip.weights import Pretrained, StateDict, create_clip, describe, read_weights, unwrap
 from merging.suites.config import SuiteConfig
 
-HEADS_FORMAT = 1
+HEADS_FORMAT = 2
+"""Version of the zero-shot heads cache key; 2: keyed by every byte of the text tower (``state_digest``)."""
+HEAD_KEYS = ("weight", "bias")
 
 
 def head_path(config: SuiteConfig, task: str) -> Path | None:
@@ -45,17 +46,34 @@ def head_path(config: SuiteConfig, task: str) -> Path | None:
 
 
 def load_head(path: Path, num_classes: int, dim: int, data_where: str) -> dict[str, torch.Tensor]:
-    """A head file (``weight`` [C, D], optional ``bias`` [C]) checked against the encoder and the data."""
-    state = load_state_dict(path)
+    """A head file checked against the encoder and the data: ``weight`` [C, D] and optionally ``bias`` [C].
+
+    The format ``convert`` writes (task_vectors' ``ClassificationHead``: an ``nn.Linear`` state dict, maybe
+    under a wrapper prefix). Nothing else may be in the file: an extra tensor means it is not a head, or a
+    head with parts MergeLens would drop. Tensors must be floating point and finite (``load_state_dict``
+    checks the latter); ``suite check`` and the loader both call this, so a file that checks clean loads.
+    """
+    state, prefix = unwrap(load_state_dict(path), str(path))
+    where = describe(path, prefix)
+    extra = sorted(set(state) - set(HEAD_KEYS))
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensor(s) {extra[:4]} in a head file; it may hold only 'weight' [classes, dim] and 'bias' [classes]")
     weight = state.get("weight")
-    if weight is None or weight.ndim != 2:
-        raise CheckpointError(f"{path}: a head file needs a 2-d 'weight' tensor [classes, dim]; found keys {sorted(state)[:4]}")
+    if weight is None:
+        raise CheckpointError(f"{where}: a head file needs a 'weight' tensor [classes, dim]; found only {sorted(state)}")
+    bias = state.get("bias")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise CheckpointError(f"{where}: head {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; a head's tensors must be floating point")
+    if weight.ndim != 2:
+        raise CheckpointError(f"{where}: head 'weight' has shape {tuple(weight.shape)}; a head's weight is 2-d [classes, dim]")
     if weight.shape[1] != dim:
-        raise CheckpointError(f"{path}: head expects {weight.shape[1]}-d features but the encoder gives {dim}-d (a head of another architecture?)")
+        raise CheckpointError(f"{where}: head expects {weight.shape[1]}-d features but the encoder gives {dim}-d (a head of another architecture?)")
     if weight.shape[0] != num_classes:
-        raise DataError(f"{path}: head has {weight.shape[0]} classes but {data_where} has {num_classes}")
-    bias = state.get("bias", torch.zeros(weight.shape[0]))
-    return {"weight": weight.float(), "bias": bias.float()}
+        raise DataError(f"{where}: head has {weight.shape[0]} classes but {data_where} has {num_classes}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise CheckpointError(f"{where}: head 'bias' has shape {tuple(bias.shape)} but 'weight' has {weight.shape[0]} rows; a head's bias is [classes]")
+    return {"weight": weight.float(), "bias": torch.zeros(weight.shape[0]) if bias is None else bias.float()}
 
 
 @torch.no_grad()
@@ -70,27 +88,52 @@ def zero_shot_head(model: nn.Module, tokenizer: Callable, classnames: Sequence[s
     return {"weight": weight.cpu(), "bias": torch.zeros(len(rows))}
 
 
-def text_state(config: SuiteConfig, pretrained: Pretrained) -> tuple[StateDict, str]:
-    """The whole-CLIP state dict whose text tower builds zero-shot heads, and the file it came from."""
+def text_state(config: SuiteConfig, pretrained: Pretrained, model: nn.Module | None = None) -> tuple[StateDict, str]:
+    """The whole-CLIP state dict whose text tower builds zero-shot heads, and the file it came from (as errors name it).
+
+    The pretrained checkpoint when it is a whole CLIP, else ``text_weights``; both are read by
+    ``weights.read_weights``, so a wrapper prefix (``module.``, ``model.``) is stripped from both towers alike.
+    The tower is checked against ``model`` (a fresh CLIP of the architecture if None), so ``suite check``,
+    which calls this too, refuses a text tower that would not load.
+    """
     if pretrained.clip is not None:
-        return pretrained.clip, str(config.pretrained)
-    if config.text_weights is None:
+        state, where = pretrained.clip, pretrained.where or str(config.pretrained)
+    elif config.text_weights is None:
+        source = f"the pretrained checkpoint {pretrained.where}" if pretrained.where else f"the {config.layout} checkpoints"
         raise ConfigError(
-            f"{config.path}: zero-shot heads need a CLIP text tower, but the {config.layout} checkpoints have none; "
+            f"{config.path}: zero-shot heads need a CLIP text tower, but {source} has none (no 'token_embedding.weight'); "
             "give 'text_weights' (a whole open_clip CLIP or HF CLIPModel of the same architecture) or head files"
         )
-    state = read_weights(config.text_weights)
-    if "text_model.embeddings.token_embedding.weight" in state:
-        state = hf_clip_to_open_clip(state, str(config.text_weights))
-    return state, str(config.text_weights)
+    else:
+        state, where = read_weights(config.text_weights)
+        if "text_model.embeddings.token_embedding.weight" in state:
+            state = hf_clip_to_open_clip(state, where)
+    model = create_clip(config.model, pretrained.quick_gelu) if model is None else model
+    check_compatible({k: v for k, v in model.state_dict().items() if not k.startswith("visual.")},
+                     {k: v for k, v in state.items() if not k.startswith("visual.")}, f"the {config.model} text tower", where)
+    return state, where
 
 
-def _digest(state: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        v = state[k]
-        h.update(f"{k}{tuple(v.shape)}{float(v.double().sum()):.10e}".encode())
-    return h.hexdigest()[:16]
+def heads_key(config: SuiteConfig, text: Mapping[str, torch.Tensor], quick_gelu: bool, blob: Mapping) -> str:
+    """The zero-shot heads' cache key: every byte of the text tower, the architecture, the activation, classes and templates.
+
+    Only the text tower (every key but ``visual.*``) and what shapes its forward pass determine the heads;
+    ``state_digest`` reads every byte, so two towers that differ anywhere (even by a permutation) never share heads.
+    """
+    import open_clip
+
+    # 0-d tensors (logit_scale) as [1]: hashing.Digest cannot yet view a 0-d tensor's bytes
+    tower = {k: v.reshape(1) if v.ndim == 0 else v for k, v in text.items() if not k.startswith("visual.")}
+    arch = open_clip.get_model_config(config.model)
+    return Digest(HEADS_FORMAT, config.model, arch, quick_gelu, state_digest(tower), blob).hexdigest()
+
+
+def _read_heads(path: Path, tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The cached heads of ``tasks``; raises (and ``read_cached`` recomputes) when the file is damaged or lacks one."""
+    from safetensors.torch import load_file
+
+    flat = load_file(str(path))
+    return {t: {"weight": flat[f"{t}/weight"], "bias": flat[f"{t}/bias"]} for t in tasks}
 
 
 def zero_shot_heads(
@@ -103,27 +146,25 @@ def zero_shot_heads(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Zero-shot heads of ``tasks`` ({task: classnames}), cached by text weights, class names and templates."""
     import open_clip
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from merging.device import default_device
     from merging.io import atomic_write
 
     if not tasks:
         return {}
-    text, where = text_state(config, pretrained)
     model = create_clip(config.model, pretrained.quick_gelu)
+    text, where = text_state(config, pretrained, model)
     try:
-        model.load_state_dict(text, strict=False)
-        check_compatible({k: v for k, v in model.state_dict().items() if not k.startswith("visual.")},
-                         {k: v for k, v in text.items() if not k.startswith("visual.")}, f"the {config.model} text tower", where)
+        model.load_state_dict({k: v for k, v in text.items() if not k.startswith("visual.")}, strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"{where}: does not fit the {config.model} text tower ({str(e).splitlines()[0]})") from None
     blob = {t: {"classnames": list(c), "templates": list(config.templates.get(t) or tpl.templates(t))} for t, c in tasks.items()}
-    key = hashlib.sha256(json.dumps({"text": _digest(text), "model": config.model, "tasks": blob, "format": HEADS_FORMAT}, sort_keys=True).encode())
-    path = Path(cache_dir) / "suites" / "heads" / f"{config.model}-{key.hexdigest()[:16]}.safetensors"
-    if path.is_file():
-        flat = load_file(str(path))
-        return {t: {"weight": flat[f"{t}/weight"], "bias": flat[f"{t}/bias"]} for t in tasks}
+    key = heads_key(config, text, pretrained.quick_gelu, blob)
+    path = Path(cache_dir) / "suites" / "heads" / f"{config.model}-{key}.safetensors"
+    cached = read_cached(path, lambda p: _read_heads(p, list(tasks)), "zero-shot heads cache")
+    if cached is not None:
+        return cached
     device = device or default_device()
     model.to(device)
     tokenizer = open_clip.get_tokenizer(config.model)

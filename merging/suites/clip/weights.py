@@ -7,9 +7,7 @@ conversion share one reading. Nothing here unpickles: files are read by ``mergin
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from torch import nn
 
 from merging.errors import CheckpointError, ConfigError
 from merging.io import check_compatible, load_json, load_state_dict
+from merging.model import create_open_clip
 from merging.suites.clip.hf_keys import hf_clip_to_open_clip, hf_vision_to_open_clip
 from merging.suites.config import SuiteConfig
 
@@ -42,37 +41,70 @@ def register_architecture(config: SuiteConfig) -> str:
     return config.model
 
 
-@contextmanager
-def _quiet_open_clip() -> Iterator[None]:
-    """open_clip logs a warning for every ``pretrained=None`` model; that is what we want here."""
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def create_clip(arch: str, quick_gelu: bool) -> nn.Module:
     """An open_clip CLIP of architecture ``arch`` with random weights (nothing is downloaded)."""
-    import open_clip
-
-    with _quiet_open_clip():
-        return open_clip.create_model(arch, pretrained=None, quick_gelu=quick_gelu).eval()
+    return create_open_clip(arch, quick_gelu=quick_gelu).eval()
 
 
 def encoder_config(arch: str, quick_gelu: bool) -> dict:
     return {"kind": "open_clip", "name": arch, "kwargs": {"quick_gelu": quick_gelu}}
 
 
+# ------------------------------------------------------------------------------------- wrapper prefixes
+WRAPPERS = ("module.", "model.", "_orig_mod.")
+"""Prefixes a wrapping module adds to every key of the model it wraps: DDP/``DataParallel`` (``module.``),
+Lightning modules and task_vectors' ``ImageEncoder`` (``model.``), ``torch.compile`` (``_orig_mod.``).
+They nest (``module.model.``). No key of an open_clip or HF CLIP starts with one, so stripping is safe."""
+
+
+def wrapper_prefix(key: str) -> str:
+    """The (possibly nested) wrapper prefix ``key`` starts with, or ``""``."""
+    prefix = ""
+    while (w := next((w for w in WRAPPERS if key.startswith(prefix + w)), None)) is not None:
+        prefix += w
+    return prefix
+
+
+def unwrap(state: Mapping[str, torch.Tensor], where: str) -> tuple[StateDict, str]:
+    """``state`` without the wrapper prefix its keys carry, and that prefix (``""`` if none).
+
+    The prefix is found once for the whole file and stripped from every key, so the image tower, the
+    text tower and the logit scale are read from the same model. A file whose keys carry different
+    prefixes (two models, or a model beside loose tensors) is refused: which one is meant is a guess.
+    """
+    groups: dict[str, list[str]] = {}
+    for k in state:
+        groups.setdefault(wrapper_prefix(k), []).append(k)
+    if len(groups) > 1:
+        seen = ", ".join(f"{p!r} ({len(ks)} key(s), e.g. {ks[0]!r})" for p, ks in sorted(groups.items()))
+        raise CheckpointError(
+            f"{where}: keys under several prefixes: {seen}; save one model's state_dict() (the unwrapped model's) to its own file"
+        )
+    prefix = next(iter(groups), "")
+    if not prefix:
+        return dict(state), ""
+    return {k[len(prefix) :]: v for k, v in state.items()}, prefix
+
+
+def describe(path: Path | str, prefix: str) -> str:
+    """How errors name a checkpoint: its path, and the wrapper prefix stripped from its keys if any."""
+    return f"{path} (keys under {prefix!r})" if prefix else str(path)
+
+
 def visual_state(state: Mapping[str, torch.Tensor], where: str) -> StateDict:
-    """The image encoder of a whole-CLIP state dict (keys under ``[prefix.]visual.``), or the state itself."""
-    prefixes = {k.split("visual.", 1)[0] for k in state if "visual." in k}
-    if not prefixes:
-        return dict(state)
-    if len(prefixes) > 1:
-        raise CheckpointError(f"{where}: several image towers in one file (prefixes {sorted(prefixes)})")
-    prefix = prefixes.pop() + "visual."
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    """The image encoder of a whole-CLIP state dict (keys under ``visual.``), or the state itself.
+
+    Expects wrapper prefixes already stripped (``unwrap``); a tower under any other prefix is named, not guessed.
+    """
+    if any(k.startswith("visual.") for k in state):
+        return {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+    nested = sorted({k.split("visual.", 1)[0] for k in state if ".visual." in k})
+    if nested:
+        raise CheckpointError(
+            f"{where}: the image tower is under {nested[0] + 'visual.'!r}, a prefix MergeLens does not strip "
+            f"(it strips {', '.join(WRAPPERS)}); save the CLIP's own state_dict()"
+        )
+    return dict(state)
 
 
 def to_float32(state: Mapping[str, torch.Tensor]) -> StateDict:
@@ -86,8 +118,7 @@ def _check_arch(reference: Mapping[str, torch.Tensor], state: Mapping[str, torch
 
 
 # ------------------------------------------------------------------------------------- weights files
-def read_weights(path: Path) -> StateDict:
-    """A safetensors/``.pt`` state dict, or an HF folder (``model.safetensors``, sharded or not)."""
+def _read_file_or_folder(path: Path) -> StateDict:
     if path.is_dir():
         index = path / "model.safetensors.index.json"
         if index.is_file():
@@ -101,6 +132,16 @@ def read_weights(path: Path) -> StateDict:
                 return load_state_dict(path / name)
         raise CheckpointError(f"{path}: folder holds no model.safetensors or pytorch_model.bin")
     return load_state_dict(path)
+
+
+def read_weights(path: Path) -> tuple[StateDict, str]:
+    """A safetensors/``.pt`` state dict or an HF folder (``model.safetensors``, sharded or not), unwrapped.
+
+    Returns the state without its wrapper prefix (``unwrap``) and how errors should name the file
+    (``describe``). Every checkpoint of the open_clip and hf layouts and every ``text_weights`` file is read here.
+    """
+    state, prefix = unwrap(_read_file_or_folder(path), str(path))
+    return state, describe(path, prefix)
 
 
 def _hf_quick_gelu(path: Path) -> bool:
@@ -121,6 +162,8 @@ class Pretrained:
     clip: StateDict | None
     quick_gelu: bool
     info: dict = field(default_factory=dict)
+    where: str = ""
+    """The pretrained file as errors name it (with the wrapper prefix stripped from it, if any)."""
 
 
 def quick_gelu_of(config: SuiteConfig) -> bool:
@@ -142,14 +185,13 @@ def load_pretrained(config: SuiteConfig, reference: Mapping[str, torch.Tensor]) 
         manifest = converted_manifest(config)
         path = config.root / "zeroshot.safetensors"
         visual = _check_arch(reference, load_state_dict(path), config.model, str(path))
-        return Pretrained(visual, None, q, {"logit_scale": manifest.get("logit_scale")})
-    path = config.pretrained
-    state = read_weights(path)
+        return Pretrained(visual, None, q, {"logit_scale": manifest.get("logit_scale")}, str(path))
+    state, where = read_weights(config.pretrained)
     if config.layout == "hf":
-        state = hf_clip_to_open_clip(state, str(path))
-    visual = _check_arch(reference, visual_state(state, str(path)), config.model, str(path))
+        state = hf_clip_to_open_clip(state, where)
+    visual = _check_arch(reference, visual_state(state, where), config.model, where)
     whole = state if any(k.startswith("visual.") for k in state) and "token_embedding.weight" in state else None
-    return Pretrained(visual, whole, q)
+    return Pretrained(visual, whole, q, where=where)
 
 
 def load_finetuned(config: SuiteConfig, task: str, reference: Mapping[str, torch.Tensor], proj: torch.Tensor | None) -> StateDict:
@@ -157,16 +199,15 @@ def load_finetuned(config: SuiteConfig, task: str, reference: Mapping[str, torch
     if config.layout == "task_vectors":
         path = config.root / "finetuned" / f"{task}.safetensors"
         return _check_arch(reference, load_state_dict(path), config.model, str(path))
-    path = config.finetuned[task]
-    state = read_weights(path)
+    state, where = read_weights(config.finetuned[task])
     if config.layout == "hf":
         if "visual_projection.weight" in state:
-            state = visual_state(hf_clip_to_open_clip(state, str(path)), str(path))
+            state = visual_state(hf_clip_to_open_clip(state, where), where)
         else:
-            state = hf_vision_to_open_clip(state, None, str(path))
+            state = hf_vision_to_open_clip(state, None, where)
             if proj is not None:
                 state["proj"] = proj
-    return _check_arch(reference, visual_state(state, str(path)), config.model, str(path))
+    return _check_arch(reference, visual_state(state, where), config.model, where)
 
 
 def converted_manifest(config: SuiteConfig) -> dict:
