@@ -14,7 +14,7 @@ from merging import artifacts, jobs
 from merging.device import default_device, default_preset
 from merging.errors import MergeLensError
 from merging.runs import RunConfig, cached_result, load_model
-from merging.suites import Suite, get_suite, is_built, list_suites
+from merging.suites import Suite, get_suite, input_stamp, is_built, list_suites
 
 CACHE_DIR = Path(os.environ.get("MERGELENS_CACHE", Path(__file__).resolve().parent / "cache"))
 SUITE_CONFIGS = Path(__file__).resolve().parent / "suite_configs"
@@ -79,9 +79,22 @@ def require_suite(name: str) -> Suite:
     return load_suite(name)
 
 
-@st.cache_resource(show_spinner="Loading suite...")
 def load_suite(name: str) -> Suite:
-    """The suite from the on-disk cache (built by a background job); never mutated by callers."""
+    """The suite from the on-disk cache (built by a background job); never mutated by callers.
+
+    Loaded again when any of its files changed (``input_stamp``), so a replaced image or checkpoint never
+    leaves the app showing numbers of the old inputs; the stamp is re-read at most every few seconds.
+    """
+    return _load_suite(name, _input_stamp(name))
+
+
+@st.cache_data(ttl=3, show_spinner=False)
+def _input_stamp(name: str) -> str:
+    return input_stamp(name, cache_dir=CACHE_DIR)
+
+
+@st.cache_resource(show_spinner="Loading suite...", max_entries=4)
+def _load_suite(name: str, stamp: str) -> Suite:
     return get_suite(name, cache_dir=CACHE_DIR)
 
 
@@ -207,8 +220,12 @@ MODEL_COLOURS = {"individual": "#2563eb", "merged": "#dc2626", "merged + Surgery
 def bias_scatter(name: str, configs: dict[str, RunConfig], device: str, n: int, task: str, method: str, shown: tuple[str, ...],
                  color: str, title: str):
     """The bias page's scatter, built once per view: plotly express spends ~0.1-0.3 s building it, which a
-    returning visitor would wait for (BENCHMARKS.md, "The dashboard"). Callers must not mutate it."""
+    returning visitor would wait for (BENCHMARKS.md, "The dashboard"). Callers must not mutate it.
+    A small-N fallback of the projection (its note) is said under the title."""
+    from merging.projection import figure_title
+
     frame = projected(name, configs, device, n, task, method)
+    title = figure_title(title, frame.attrs.get("note", ""))
     rows = frame[frame["model"].isin(shown)].reset_index(drop=True)
     by_model = color == "model"
     fig = px.scatter(rows, x="x", y="y", color="model" if by_model else "classname", symbol=None if by_model else "model",

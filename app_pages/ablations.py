@@ -71,6 +71,11 @@ try:
     config = sweeps.manifest_config(finished[key]) if kind == "done" else builtin[key] if kind == "builtin" else new_sweep()
     if kind == "done":
         frame, done, total = sweeps.load_frame(ui.CACHE_DIR, key), len(finished[key]["points"]), len(finished[key]["points"])
+        made_on = finished[key].get("suite_fingerprint")
+        if ui.suite_is_built(config.suite) and made_on != ui.load_suite(config.suite).fingerprint:
+            st.warning(f"This table was computed on other inputs than the {config.suite} suite has now (fingerprint {made_on}, now "
+                       f"{ui.load_suite(config.suite).fingerprint}): its numbers are a record, not the current suite's. Pick the same "
+                       "sweep as a new one and run it to compute it on the current inputs.")
     else:
         if not ui.suite_is_built(config.suite):
             st.info(f"This sweep runs on the {config.suite} suite, which is not built yet: open the Overview page to build it.")

@@ -11,12 +11,13 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from merging.cross_task import cross_task_matrix
 from merging.errors import ConfigError
 from merging.features import Features
-from merging.io import atomic_write
+from merging.io import atomic_write, read_cached
 from merging.progress import ProgressFn, scaled
 from merging.representations import cached_features, features_present, sample_indices
 from merging.runs import load_model, run_dir
@@ -65,8 +66,17 @@ def features_cached(result: dict, suite: Suite, n: int | None = None, layers: bo
 def cached_cross_task_matrix(result: dict, suite: Suite, cache_dir: str | Path = "cache", device: str | None = None) -> pd.DataFrame:
     """The matrix of a finished run, computed once and kept next to its ``result.json``."""
     path = run_dir(cache_dir, result["key"]) / "cross_task.csv"
-    if path.is_file():
-        return pd.read_csv(path, index_col=0).rename_axis(index="encoder", columns="head")
+    expected = list(result["tasks"])
+
+    def read(p: Path) -> pd.DataFrame:
+        table = pd.read_csv(p, index_col=0)
+        if list(table.index) != expected or list(table.columns) != expected or not np.isfinite(table.to_numpy(dtype=float)).all():
+            raise ValueError(f"not a {len(expected)}x{len(expected)} matrix of the run's tasks")
+        return table.rename_axis(index="encoder", columns="head")
+
+    cached = read_cached(path, read, "cross-task matrix cache")
+    if cached is not None:
+        return cached
     table = cross_task_matrix(load_model(result, suite, cache_dir), suite, result["tasks"], device=device)
     atomic_write(path, lambda tmp: table.to_csv(tmp))
     return table

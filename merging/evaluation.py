@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from merging.device import default_device
+from merging.errors import ConfigError
 from merging.model import MultiTaskModel
 from merging.progress import ProgressFn, track
 from merging.suites.base import Suite
@@ -23,7 +24,10 @@ def evaluate(
     device: str | None = None,
     progress: ProgressFn | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``{task: {"accuracy": percent, "loss": mean cross-entropy}}`` on each task's labeled test set."""
+    """``{task: {"accuracy": percent, "loss": mean cross-entropy}}`` on each task's labeled test set.
+
+    Raises ``ConfigError`` on NaN or Inf logits: a model that computes no numbers has no accuracy (argmax of NaN is 0).
+    """
     tasks = suite.check_tasks(list(tasks) if tasks is not None else model.tasks)
     device = device or default_device()
     model.eval().to(device)
@@ -35,6 +39,11 @@ def evaluate(
         images = data.preprocess(data.test_images[start : start + batch_size]).to(device)
         labels = data.test_labels[start : start + batch_size].to(device)
         logits = model.logits(images, task).float()
+        if not torch.isfinite(logits).all():
+            raise ConfigError(
+                f"the model's logits on task {task!r} hold NaN or Inf values (its weights are too large: e.g. the scaling "
+                "coefficient); nothing was evaluated or cached: use smaller hyperparameters"
+            )
         correct[task] += int((logits.argmax(-1) == labels).sum())
         loss[task] += float(F.cross_entropy(logits, labels, reduction="sum"))
     return {t: {"accuracy": 100.0 * correct[t] / len(suite.data[t].test_labels), "loss": loss[t] / len(suite.data[t].test_labels)} for t in tasks}

@@ -38,7 +38,7 @@ class Digest:
             t = part.detach().cpu().contiguous()
             self._h.update(f"<tensor {t.dtype} {tuple(t.shape)}>".encode())
             if t.numel():
-                self._h.update(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+                self._h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         elif isinstance(part, np.ndarray):
             a = np.ascontiguousarray(part)
             self._h.update(f"<array {a.dtype} {a.shape}>".encode())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -24,16 +25,19 @@ from merging.errors import CheckpointError, ConfigError
 
 StateDict = dict[str, torch.Tensor]
 T = TypeVar("T")
+WRAPPER_KEYS = ("state_dict", "model", "module")
+"""Keys under which checkpoints of training scripts keep the state dict (Lightning, DeiT/timm, DDP scripts)."""
 log = logging.getLogger("merging")
 STALE_TEMP_SECONDS = 3600
-"""A temporary file of ``atomic_write`` older than this was left by a killed write, not one in progress."""
+"""A temporary file of ``atomic_write`` that names no process and is older than this was left by a killed write."""
+_TEMP_PID = re.compile(r"\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -66,24 +70,38 @@ def read_cached(path: str | Path, read: Callable[[Path], T], what: str = "cache 
         return None
 
 
-def remove_stale_temps(folder: str | Path, older_than: float = STALE_TEMP_SECONDS) -> int:
-    """Delete ``atomic_write``'s leftover temporary files (``.<name>.*.tmp``) under ``folder``; returns how many.
+def remove_stale_temps(folder: str | Path) -> int:
+    """Delete the temporary files (``.<name>.<pid>.<random>.tmp``) that killed ``atomic_write`` calls left under ``folder``.
 
-    Only files older than ``older_than`` seconds go, so a write in progress in another process is kept.
+    A file whose writer process is still alive is a write in progress and stays; one that names no
+    process (an older format) goes once it is ``STALE_TEMP_SECONDS`` old. Returns how many were deleted.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    cutoff = time.time() - older_than
     removed = 0
     for tmp in folder.rglob(".*.tmp"):
+        match = _TEMP_PID.search(tmp.name)
         try:
-            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
-                tmp.unlink()
-                removed += 1
+            if match is not None and _alive(int(match.group(1))):
+                continue
+            if match is None and time.time() - tmp.stat().st_mtime < STALE_TEMP_SECONDS:
+                continue
+            tmp.unlink()
+            removed += 1
         except OSError:
             continue
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    return True
 
 
 def load_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
@@ -153,8 +171,10 @@ def load_state_dict(path: str | Path, check_finite: bool = True) -> StateDict:
                 "(convert it to safetensors in an environment you trust)"
             ) from None
         raise CheckpointError(f"{path}: could not be read as a state dict ({msg})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    for wrapper in WRAPPER_KEYS:  # training scripts save {"state_dict": {...}} or {"model": {...}} (with optimizer state beside it)
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: is not a flat state dict of tensors")
     if not state:

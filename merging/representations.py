@@ -15,12 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from merging.device import autocast, default_device, with_batch_size
-from merging.errors import ConfigError, DataError
+from merging.errors import ConfigError
 from merging.features import FINAL, Features
-from merging.io import load_state_dict, save_state_dict
+from merging.io import load_state_dict, read_cached, remove_stale_temps, save_state_dict
 from merging.model import MultiTaskModel
 from merging.progress import ProgressFn, scaled, track
 from merging.suites.base import Suite, TaskData
@@ -134,6 +133,22 @@ def extract(
     )
 
 
+def _read_final(path: Path, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A cached sample set's final features, checked to be the requested samples (row-aligned, same length)."""
+    saved = load_state_dict(path, check_finite=False)
+    n = len(indices)
+    if not {"indices", "labels", "predictions", "embedding"} <= set(saved) or any(len(saved[k]) != n for k in ("labels", "predictions", "embedding")):
+        raise ValueError("not a complete features file")
+    if not torch.equal(saved["indices"], indices):
+        raise ValueError("its sample indices differ from the request")
+    return saved
+
+
+def _read_blocks(path: Path) -> list[torch.Tensor]:
+    state = load_state_dict(path, check_finite=False)
+    return [state[f"block.{i}"] for i in range(len(state))]
+
+
 def cached_features(
     model: ModelSource,
     run_key: str,
@@ -156,25 +171,22 @@ def cached_features(
     indices = torch.arange(len(data.test_labels)) if indices is None else indices.to(torch.int64)
     folder = features_dir(cache_dir, run_key, task, indices, amp)
     final_path, blocks_path = feature_files(folder)
-    need_final, need_blocks = not final_path.is_file(), layers and not blocks_path.is_file()
-    if need_final or need_blocks:
+    remove_stale_temps(folder)
+    saved = read_cached(final_path, lambda path: _read_final(path, indices), "features cache")
+    blocks = read_cached(blocks_path, _read_blocks, "per-block features cache") if layers else None
+    if saved is None or (layers and blocks is None):
         net = model if isinstance(model, MultiTaskModel) else model()
+        need_final, need_blocks = saved is None, layers and blocks is None
         fresh, _ = with_batch_size(
             lambda bs: extract(net, data, task, indices, need_blocks, need_final, bs, device, progress, amp), batch_size
         )
         meta = {"version": FEATURES_VERSION, "run_key": run_key, "task": task}
         if need_final:
-            tensors = {"indices": fresh.indices, "labels": fresh.labels, "predictions": fresh.predictions, "embedding": fresh.embedding}
-            save_state_dict(tensors, final_path, metadata=meta)
+            saved = {"indices": fresh.indices, "labels": fresh.labels, "predictions": fresh.predictions, "embedding": fresh.embedding}
+            save_state_dict(saved, final_path, metadata=meta)
         if need_blocks:
-            save_state_dict({f"block.{i}": b for i, b in enumerate(fresh.blocks or [])}, blocks_path, metadata=meta)
-    saved = load_state_dict(final_path, check_finite=False)
-    if not torch.equal(saved["indices"], indices):
-        raise DataError(f"{final_path}: cached sample indices do not match the request; delete the folder to recompute")
-    blocks = None
-    if layers:
-        with safe_open(str(blocks_path), framework="pt") as f:
-            blocks = [f.get_tensor(f"block.{i}") for i in range(len(list(f.keys())))]
+            blocks = list(fresh.blocks or [])
+            save_state_dict({f"block.{i}": b for i, b in enumerate(blocks)}, blocks_path, metadata=meta)
     return Features(
         task=task,
         classnames=list(data.classnames),

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from merging.device import default_device, default_preset
-from merging.errors import ConfigError
+from merging.errors import CheckpointError, ConfigError
 from merging.evaluation import evaluate
-from merging.io import load_json, load_state_dict, save_json, save_state_dict
+from merging.io import load_json, load_state_dict, read_cached, remove_stale_temps, save_json, save_state_dict
 from merging.methods import BuildContext, MergeMethod, RunContext, RunInput, get_method, make_params, params_dict
 from merging.model import MultiTaskModel
 from merging.progress import ProgressFn, scaled
@@ -95,12 +95,15 @@ def code_version(method: MergeMethod) -> str:
 
 
 def run_key(config: RunConfig, suite: Suite, method: MergeMethod, params: Any) -> str:
+    """The run's cache key: the fingerprint of the suite restricted to the run's tasks (every byte its
+    numbers depend on), the method, its typed parameters, the seed and the code version."""
+    tasks = list(config.tasks) if config.tasks and list(config.tasks) != list(suite.tasks) else None
     blob = {
-        "suite": suite.fingerprint,
+        "suite": (suite.subset(tasks) if tasks else suite).fingerprint,
         "method": method.name,
         "params": params_dict(params),
         "seed": config.seed,
-        "tasks": list(config.tasks) if config.tasks and list(config.tasks) != list(suite.tasks) else None,
+        "tasks": tasks,
         "code": code_version(method),
     }
     digest = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -109,6 +112,31 @@ def run_key(config: RunConfig, suite: Suite, method: MergeMethod, params: Any) -
 
 def run_dir(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir) / "runs" / key
+
+
+def read_result(folder: Path) -> dict | None:
+    """A run folder's finished result, or None when it is missing or damaged (then warned about and deleted)."""
+
+    def read(path: Path) -> dict:
+        result = load_json(path)
+        if not isinstance(result, dict) or not {"key", "tasks", "accuracy", "params", "method"} <= set(result):
+            raise ValueError("not a run result")
+        return result
+
+    return read_cached(folder / "result.json", read, "run result")
+
+
+def check_finite_model(model: MultiTaskModel, config: RunConfig) -> None:
+    """Refuse a model with NaN or Inf weights before it is evaluated or cached (e.g. a huge scaling coefficient λ)."""
+    extra = getattr(model, "states", None) or {}
+    tensors = [*model.state_dict().items(), *((f"{t}/{k}", v) for t, s in extra.items() for k, v in s.items())]
+    for name, value in tensors:
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            given = ", ".join(f"{k}={v}" for k, v in config.params.items()) or "the defaults"
+            raise CheckpointError(
+                f"method {config.method!r} ({given}) gave a model whose tensor {name!r} holds NaN or Inf values; "
+                "nothing was evaluated or cached: use smaller hyperparameters (e.g. the scaling coefficient)"
+            )
 
 
 def count_parameters(model: MultiTaskModel) -> dict[str, int]:
@@ -145,8 +173,7 @@ def build_model(
 def cached_result(config: RunConfig, suite: Suite, cache_dir: str | Path = "cache", device: str | None = None) -> dict | None:
     """The finished result of ``config`` if the cache has it, else None (computes nothing)."""
     method, params, _ = config.resolve(device or default_device())
-    path = run_dir(cache_dir, run_key(config, suite, method, params)) / "result.json"
-    return load_json(path) if path.is_file() else None
+    return read_result(run_dir(cache_dir, run_key(config, suite, method, params)))
 
 
 def run(
@@ -163,10 +190,13 @@ def run(
     method, params, preset = config.resolve(device)
     key = run_key(config, suite, method, params)
     folder = run_dir(cache_dir, key)
-    if (folder / "result.json").is_file() and not force:
-        return load_json(folder / "result.json")
+    remove_stale_temps(folder)
+    cached = None if force else read_result(folder)
+    if cached is not None and (not method.data_dependent or _state_readable(folder)):
+        return cached
     target = suite.subset(list(config.tasks)) if config.tasks else suite
     model = build_model(config, suite, cache_dir, device, scaled(progress, 0.1, 0.2, "inputs: "))[0].to(device)
+    check_finite_model(model, config)
     t0 = time.perf_counter()
     info: dict = {}
     if method.data_dependent:
@@ -174,6 +204,7 @@ def run(
         model.train()
         info = method.adapt(model, target, params, ctx)
         model.eval()
+        check_finite_model(model, config)
         save_state_dict(model.trainable_state(), folder / "state.safetensors")
     t_adapt = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -204,6 +235,14 @@ def run(
     return result
 
 
+def _state_readable(folder: Path) -> bool:
+    """Whether a data-dependent run's learned state is there and readable (else the run is computed again)."""
+    state = read_cached(folder / "state.safetensors", lambda p: load_state_dict(p, check_finite=False), "run state")
+    if state is None:
+        (folder / "result.json").unlink(missing_ok=True)
+    return state is not None
+
+
 def load_model(result: dict, suite: Suite, cache_dir: str | Path = "cache", device: str | None = None) -> MultiTaskModel:
     """Rebuild a finished run's model: the method's deterministic init (its inputs loaded from their cached
     runs) plus its saved trainable state. ``suite`` is the whole suite the run was made on (the run's
@@ -211,9 +250,11 @@ def load_model(result: dict, suite: Suite, cache_dir: str | Path = "cache", devi
     tasks = tuple(result["tasks"]) if list(result["tasks"]) != list(suite.tasks) else None
     config = RunConfig(result["suite"], result["method"], result["params"], None, result.get("seed", 0), tasks)
     model = build_model(config, suite, cache_dir, device)[0]
-    state_path = run_dir(cache_dir, result["key"]) / "state.safetensors"
-    if state_path.is_file():
-        model.load_trainable_state(load_state_dict(state_path, check_finite=False))
+    folder = run_dir(cache_dir, result["key"])
+    if get_method(result["method"]).data_dependent:
+        if not _state_readable(folder):  # damaged since the result was read: compute the run again
+            result = run(config, suite, cache_dir, device)
+        model.load_trainable_state(load_state_dict(folder / "state.safetensors", check_finite=False))
     return model.eval()
 
 
@@ -221,11 +262,8 @@ def list_results(cache_dir: str | Path = "cache", suite: str | None = None) -> l
     """Every finished run in the cache (optionally of one suite), oldest first."""
     results = []
     for path in sorted((Path(cache_dir) / "runs").glob("*/result.json")):
-        try:
-            r = load_json(path)
-        except (OSError, ValueError):
-            continue
-        if suite is None or r.get("suite") == suite:
+        r = read_result(path.parent)
+        if r is not None and (suite is None or r.get("suite") == suite):
             results.append(r)
     return sorted(results, key=lambda r: r.get("created", ""))
 

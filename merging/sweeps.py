@@ -28,7 +28,7 @@ import yaml
 
 from merging.device import default_device
 from merging.errors import ConfigError
-from merging.io import atomic_write, load_json, save_json
+from merging.io import atomic_write, load_json, read_cached, save_json
 from merging.progress import ProgressFn
 from merging.runs import RunConfig, cached_result, run
 from merging.suites import Suite, get_suite
@@ -363,10 +363,17 @@ def manifest_config(manifest: dict) -> SweepConfig:
 
 
 def load_frame(cache_dir: str | Path, sid: str) -> pd.DataFrame:
-    path = sweep_dir(cache_dir, sid) / "results.csv"
-    if not path.is_file():
-        raise ConfigError(f"no finished sweep {sid!r} in {Path(cache_dir) / 'sweeps'}")
-    return pd.read_csv(path)
+    frame = read_cached(sweep_dir(cache_dir, sid) / "results.csv", _read_frame, "sweep table")
+    if frame is None:
+        raise ConfigError(f"no finished sweep {sid!r} in {Path(cache_dir) / 'sweeps'}; run the sweep (again) to make its table")
+    return frame
+
+
+def _read_frame(path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(path)
+    if frame.empty or not {"key", "task", "accuracy", "average"} <= set(frame.columns):
+        raise ValueError("not a sweep table (key, task, accuracy, average)")
+    return frame
 
 
 def curves(frame: pd.DataFrame, x: str, by: str = "task", metric: str = "accuracy") -> pd.DataFrame:

@@ -115,10 +115,6 @@ WRAPPED = {
     "state_dict+model.": _pt(lambda s: {"state_dict": _prefixed(s, "model.")}),
     "model-dict": _pt(lambda s: {"model": s}),
 }
-NEEDS_IO = pytest.mark.xfail(
-    strict=True,
-    reason="merging.io.load_state_dict unwraps only {'state_dict': ...}; {'model': ...} needs it to unwrap 'model' too (not ours to edit)",
-)
 
 
 def _assert_same_suite(suite, files) -> None:
@@ -129,7 +125,7 @@ def _assert_same_suite(suite, files) -> None:
         assert torch.equal(suite.heads[t]["bias"], files.suite.heads[t]["bias"])
 
 
-@pytest.mark.parametrize("wrapper", [pytest.param(w, marks=NEEDS_IO) if w == "model-dict" else w for w in WRAPPED])
+@pytest.mark.parametrize("wrapper", list(WRAPPED))
 def test_a_whole_clip_under_a_wrapper_loads_like_the_plain_file(files, plain_accuracy, tmp_path, capsys, wrapper):
     """Pretrained and fine-tuned files are whole CLIPs saved under the wrapper: same weights, zero-shot heads and TA accuracy."""
     write = WRAPPED[wrapper]

@@ -30,7 +30,8 @@ class AdaMergingParams:
     vectors: Literal["task_arithmetic", "ties"] = hyperparameter(
         "task_arithmetic", "The task vectors the λs scale: task_arithmetic (AdaMerging) or ties (AdaMerging++: trimmed, sign-filtered).")
     density: float = hyperparameter(0.2, "TIES trim density, used with vectors=ties (reset_thresh=20).", unit="fraction", low=0.0, high=1.0)
-    init: float = hyperparameter(0.3, "Initial λ of every coefficient (the paper's prior 0.3).", unit="λ")
+    init: float = hyperparameter(0.3, "Initial λ of every coefficient (the paper's prior 0.3); λs are clamped to [0, 1] in the forward pass, "
+                                 "where a λ outside gets no gradient.", unit="λ", low=0.0, high=1.0)
     lr: float = hyperparameter(1e-3, "Adam learning rate, betas (0.9, 0.999), no weight decay.", low=0.0, low_open=True)
     steps: int = hyperparameter(500, "Iterations; each is one Adam step on the entropy summed over all tasks.", unit="steps", low=1)
     batch_size: int = hyperparameter(16, "Unlabeled test images per batch.", unit="images", low=1)

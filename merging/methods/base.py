@@ -58,6 +58,10 @@ def nested_params(of: str, help: str) -> Any:
     return field(default_factory=dict, metadata={"help": help, "params_of": of})
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: weights are float32, so a float hyperparameter beyond it can only give Inf."""
+
+
 @dataclass(frozen=True)
 class HyperparameterSpec:
     """What a user may set: read from a ``Params`` field; the app, ``list-methods`` and docs show it."""
@@ -93,6 +97,9 @@ class HyperparameterSpec:
         """Raise one line naming the method, the hyperparameter, the value and what is allowed."""
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"method {method!r}: hyperparameter {self.name!r} = {value!r} is not a finite number; allowed: {self.allowed()}")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise ConfigError(f"method {method!r}: hyperparameter {self.name!r} = {value!r} overflows the float32 weights (|value| <= {FLOAT32_MAX:.3g}); "
+                              f"allowed: {self.allowed()}")
         if self.choices is not None and value not in self.choices:
             raise ConfigError(f"method {method!r}: hyperparameter {self.name!r} = {value!r} is not allowed; allowed: {self.allowed()}")
         if isinstance(value, int | float) and not isinstance(value, bool):

@@ -34,7 +34,7 @@ StateDict = dict[str, torch.Tensor]
 class TintingParams:
     layer: str = hyperparameter("head", "The tinted layer, one trainable copy per task: head (the released code) or an encoder tensor prefix such as ln_post.")
     confidence_filter: bool = hyperparameter(True, "True: Model Tinting++ / SyMerge (crosspseudoconf); False: plain Model Tinting (crosspseudo).")
-    init: float = hyperparameter(0.3, "Initial layer-wise coefficient (prior), clamped to [0, 1] in the forward pass.", unit="λ")
+    init: float = hyperparameter(0.3, "Initial layer-wise coefficient (prior), clamped to [0, 1] in the forward pass.", unit="λ", low=0.0, high=1.0)
     lr: float = hyperparameter(1e-2, "Adam learning rate (the released code).", low=0.0, low_open=True)
     epochs: int = hyperparameter(500, "Each epoch: tasks in a shuffled order, one batch and one Adam step per task.", unit="epochs", low=0)
     batch_size: int = hyperparameter(32, "Unlabeled test images per batch.", unit="images", low=1)

@@ -6,20 +6,23 @@ weights and the unlabeled test images; evaluation reads the labeled test data.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from functools import cached_property
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from merging.errors import ConfigError, DataError
+from merging.hashing import Digest, FileDigests, state_digest
 from merging.model import build_encoder, make_heads
 from merging.task_vectors import task_vectors
 
 StateDict = dict[str, torch.Tensor]
+_LOCATION_FIELDS = ("folder",)
+"""TaskData fields that say where the data lies, not what it is: moving a folder changes no result."""
 
 
 @dataclass
@@ -59,6 +62,22 @@ class TaskData:
             idx = order[i : i + batch_size]
             yield self.preprocess(images[idx]), labels[idx]
 
+    def digest(self, files: FileDigests) -> str:
+        """Digest of everything here that can change a number: every image (tensor bytes, or each file's
+        bytes in order), every label, the class names in order, the normalization; not the folder's path."""
+        d = Digest(type(self).__name__)
+        for f in fields(self):
+            if f.name in _LOCATION_FIELDS:
+                continue
+            value = getattr(self, f.name)
+            d.update(f.name)
+            paths = getattr(value, "files", None)
+            if paths is not None:  # images read from files (``ImageFiles``): their bytes, in label order
+                d.update(list(value.shape)).update(files.digests(paths))
+            else:
+                d.update(value)
+        return d.hexdigest()
+
     def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split == "test":
             return self.test_images, self.test_labels
@@ -76,6 +95,10 @@ class Suite:
     heads: dict[str, dict[str, torch.Tensor]]
     data: dict[str, TaskData]
     info: dict = field(default_factory=dict)
+    file_memo: str | Path | None = None
+    """Where digests of image files are remembered by size and mtime (``hashing.FileDigests``); None: in memory."""
+    _digests: dict = field(default_factory=dict, repr=False, compare=False)
+    """Digests of the parts computed so far, shared with ``subset``s (each part is read once)."""
 
     def __post_init__(self) -> None:
         for t in self.finetuned:
@@ -108,19 +131,35 @@ class Suite:
     def task_vectors(self, tasks: list[str] | None = None) -> list[StateDict]:
         return task_vectors(self.pretrained, [self.finetuned[t] for t in self.check_tasks(tasks)])
 
+    def _part(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        if key not in self._digests:
+            self._digests[key] = compute()
+        return self._digests[key]
+
+    def part_digests(self, task: str) -> dict[str, str]:
+        """Digests of what task ``task``'s results depend on besides the pretrained weights: its fine-tuned
+        weights, its head and its data (every byte of each)."""
+        files = self._part(("files",), lambda: FileDigests(self.file_memo))
+        return {
+            "finetuned": self._part(("finetuned", task), lambda: state_digest(self.finetuned[task])),
+            "head": self._part(("head", task), lambda: state_digest(self.heads[task])),
+            "data": self._part(("data", task), lambda: self.data[task].digest(files)),
+        }
+
     @cached_property
     def fingerprint(self) -> str:
-        """Content hash of the weights' shapes and a checksum of each, plus the data sizes; cheap and stable."""
-        h = hashlib.sha256(json.dumps({"name": self.name, "encoder": self.encoder_config}, sort_keys=True, default=str).encode())
-        for group in [self.pretrained, *self.finetuned.values(), *self.heads.values()]:
-            for k in sorted(group):
-                v = group[k]
-                h.update(k.encode())
-                h.update(str(tuple(v.shape)).encode())
-                h.update(f"{float(v.double().sum()):.10e}".encode())
-        for t, d in self.data.items():
-            h.update(f"{t}:{len(d.test_images)}:{int(d.test_labels.sum())}".encode())
-        return h.hexdigest()[:16]
+        """Digest of everything a run on this suite (these tasks, in this order) depends on.
+
+        Every byte of the pretrained, fine-tuned and head weights and of every test and train image, each
+        label, the class names and their order, the encoder config: any change gives a new fingerprint,
+        so the runs it affects are computed again (a run's key holds the fingerprint of its own tasks
+        only, so runs on other tasks stay cached). Read once per suite object (``_digests``).
+        """
+        pretrained = self._part(("pretrained",), lambda: state_digest(self.pretrained))
+        d = Digest(self.name, self.encoder_config, pretrained)
+        for t in self.tasks:
+            d.update(t).update(self.part_digests(t))
+        return d.hexdigest(16)
 
     def subset(self, tasks: list[str]) -> Suite:
         """The same suite restricted to some tasks (the number-of-tasks ablation)."""
@@ -133,4 +172,6 @@ class Suite:
             heads={t: self.heads[t] for t in tasks},
             data={t: self.data[t] for t in tasks},
             info=self.info,
+            file_memo=self.file_memo,
+            _digests=self._digests,
         )

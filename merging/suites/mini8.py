@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merging.errors import CheckpointError, ConfigError
-from merging.io import atomic_write, load_json, save_json
+from merging.errors import CheckpointError, ConfigError, DataError
+from merging.io import atomic_write, load_json, log, remove_stale_temps, save_json
 from merging.model import build_encoder
 from merging.progress import ProgressFn, scaled, track
 from merging.suites.base import Suite, TaskData
@@ -337,12 +337,13 @@ def load(folder: str | Path) -> Suite:
 
 
 def load_or_build(name: str, seed: int = 0, cache_dir: str | Path = "cache", progress: ProgressFn | None = None) -> Suite:
-    """Load the cached suite, or build and cache it (first use only)."""
+    """Load the cached suite, or build and cache it (first use, or when the cached folder is damaged)."""
     import fcntl
 
     folder = suite_dir(name, seed, cache_dir)
-    if (folder / "manifest.json").is_file():
-        return load(folder)
+    suite = _load_intact(folder)
+    if suite is not None:
+        return suite
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         try:
@@ -351,8 +352,23 @@ def load_or_build(name: str, seed: int = 0, cache_dir: str | Path = "cache", pro
             if progress:
                 progress(0.0, "waiting for another process building this suite")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        if (folder / "manifest.json").is_file():
-            return load(folder)
+        suite = _load_intact(folder)
+        if suite is not None:
+            return suite
+        remove_stale_temps(folder)
         suite = build(name, seed, progress)
         save(suite, folder)
     return suite
+
+
+def _load_intact(folder: Path) -> Suite | None:
+    """The cached suite, or None when it was never completely built or is damaged (then warned about and deleted)."""
+    if not (folder / "manifest.json").is_file():
+        return None
+    try:
+        return load(folder)
+    except (CheckpointError, DataError, ConfigError, OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("warning: %s: damaged suite cache (%s); building it again", folder, reason[:200])
+        (folder / "manifest.json").unlink(missing_ok=True)
+        return None

@@ -122,8 +122,7 @@ def heads_key(config: SuiteConfig, text: Mapping[str, torch.Tensor], quick_gelu:
     """
     import open_clip
 
-    # 0-d tensors (logit_scale) as [1]: hashing.Digest cannot yet view a 0-d tensor's bytes
-    tower = {k: v.reshape(1) if v.ndim == 0 else v for k, v in text.items() if not k.startswith("visual.")}
+    tower = {k: v for k, v in text.items() if not k.startswith("visual.")}
     arch = open_clip.get_model_config(config.model)
     return Digest(HEADS_FORMAT, config.model, arch, quick_gelu, state_digest(tower), blob).hexdigest()
 
