@@ -65,7 +65,7 @@ def test_projection_is_cached_by_inputs_and_settings(tmp_path, monkeypatch):
     def refit(*_a, **_k):
         raise AssertionError("the projection should have come from the cache")
 
-    monkeypatch.setattr(projection, "embed", refit)
+    monkeypatch.setattr(projection, "fit_embedding", refit)
     again = joint_projection(sets, "tsne", cache_dir=tmp_path, perplexity=10)
     assert np.array_equal(first[["x", "y"]].to_numpy(), again[["x", "y"]].to_numpy())
     with pytest.raises(AssertionError, match="cache"):
