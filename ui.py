@@ -159,12 +159,18 @@ def load_run_model(key: str, suite_name: str, _result: dict):
     return load_model(_result, load_suite(suite_name), CACHE_DIR)
 
 
-@st.cache_data(show_spinner="Computing routing weights...", max_entries=32)
-def routing_samples(_result: dict, suite_name: str, task: str, n: int = 256) -> pd.DataFrame:
+def routing_samples(result: dict, suite_name: str, task: str, n: int = 256) -> pd.DataFrame:
     """Per-sample routing weights of a WEMoE run on up to ``n`` test images of ``task`` (tidy frame)."""
+    return _routing_samples(result["key"], suite_name, task, n, result)
+
+
+# Streamlit leaves arguments named ``_x`` out of a cached function's key: the run's key (which holds the suite's
+# fingerprint) stands for the result dict in every cached function below, so two runs never share an entry.
+@st.cache_data(show_spinner="Computing routing weights...", max_entries=32)
+def _routing_samples(key: str, suite_name: str, task: str, n: int, _result: dict) -> pd.DataFrame:
     import torch
 
-    model = load_run_model(_result["key"], suite_name, _result)
+    model = load_run_model(key, suite_name, _result)
     data = load_suite(suite_name).data[task]
     with torch.no_grad():
         r = model.routing_weights(data.preprocess(data.test_images[:n]), task)
@@ -173,8 +179,13 @@ def routing_samples(_result: dict, suite_name: str, task: str, n: int = 256) -> 
     return pd.DataFrame(rows, columns=["sample", "block", "expert", "weight"])
 
 
+def cross_task(result: dict, suite_name: str) -> pd.DataFrame:
+    """A run's cross-task matrix (encoder of each task x head of each task), cached on disk next to the run."""
+    return _cross_task(result["key"], suite_name, result)
+
+
 @st.cache_data(show_spinner="Computing the cross-task matrix...", max_entries=32)
-def cross_task(_result: dict, suite_name: str) -> pd.DataFrame:
+def _cross_task(key: str, suite_name: str, _result: dict) -> pd.DataFrame:
     return artifacts.cached_cross_task_matrix(_result, load_suite(suite_name), CACHE_DIR)
 
 
@@ -197,16 +208,30 @@ def bias_ready(name: str, configs: dict[str, RunConfig], device: str, n: int) ->
     return None not in results.values() and all(artifacts.features_cached(r, suite, n, True, CACHE_DIR) for r in results.values())
 
 
-@st.cache_resource(show_spinner="Loading features...", max_entries=16)
+def suite_fingerprint(name: str) -> str:
+    """The loaded suite's fingerprint: part of the key of every cached view computed from its runs, so a
+    view of changed inputs is never served from memory (the run keys it reads change with it)."""
+    return load_suite(name).fingerprint
+
+
 def bias_features(name: str, configs: dict[str, RunConfig], device: str, n: int) -> dict:
     """{model label: {task: Features}} read from the feature cache (filled by the background job)."""
+    return _bias_features(name, suite_fingerprint(name), configs, device, n)
+
+
+@st.cache_resource(show_spinner="Loading features...", max_entries=16)
+def _bias_features(name: str, fingerprint: str, configs: dict[str, RunConfig], device: str, n: int) -> dict:
     suite = load_suite(name)
     return {label: artifacts.run_features(r, suite, n=n, layers=True, cache_dir=CACHE_DIR) for label, r in _bias_results(name, configs, device).items()}
 
 
-@st.cache_data(show_spinner="Projecting (a few seconds; cached on disk afterwards)...", max_entries=64)
 def projected(name: str, configs: dict[str, RunConfig], device: str, n: int, task: str, method: str) -> pd.DataFrame:
     """One joint fit over the models' features of ``task``, cached on disk by the library."""
+    return _projected(name, suite_fingerprint(name), configs, device, n, task, method)
+
+
+@st.cache_data(show_spinner="Projecting (a few seconds; cached on disk afterwards)...", max_entries=64)
+def _projected(name: str, fingerprint: str, configs: dict[str, RunConfig], device: str, n: int, task: str, method: str) -> pd.DataFrame:
     from merging.projection import joint_projection
 
     sets = {label: fs[task] for label, fs in bias_features(name, configs, device, n).items()}
@@ -216,12 +241,17 @@ def projected(name: str, configs: dict[str, RunConfig], device: str, n: int, tas
 MODEL_COLOURS = {"individual": "#2563eb", "merged": "#dc2626", "merged + Surgery": "#16a34a"}
 
 
-@st.cache_resource(show_spinner=False, max_entries=64)
 def bias_scatter(name: str, configs: dict[str, RunConfig], device: str, n: int, task: str, method: str, shown: tuple[str, ...],
                  color: str, title: str):
     """The bias page's scatter, built once per view: plotly express spends ~0.1-0.3 s building it, which a
     returning visitor would wait for (BENCHMARKS.md, "The dashboard"). Callers must not mutate it.
     A small-N fallback of the projection (its note) is said under the title."""
+    return _bias_scatter(name, suite_fingerprint(name), configs, device, n, task, method, shown, color, title)
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _bias_scatter(name: str, fingerprint: str, configs: dict[str, RunConfig], device: str, n: int, task: str, method: str,
+                  shown: tuple[str, ...], color: str, title: str):
     from merging.projection import figure_title
 
     frame = projected(name, configs, device, n, task, method)
@@ -236,9 +266,13 @@ def bias_scatter(name: str, configs: dict[str, RunConfig], device: str, n: int, 
     return fig
 
 
-@st.cache_data(show_spinner="Measuring the bias...", max_entries=16)
 def bias_metrics(name: str, configs: dict[str, RunConfig], device: str, n: int) -> pd.DataFrame:
     """Every task's metrics of each model against the individual model, final feature and every block."""
+    return _bias_metrics(name, suite_fingerprint(name), configs, device, n)
+
+
+@st.cache_data(show_spinner="Measuring the bias...", max_entries=16)
+def _bias_metrics(name: str, fingerprint: str, configs: dict[str, RunConfig], device: str, n: int) -> pd.DataFrame:
     from merging.metrics import bias_table
 
     feats = bias_features(name, configs, device, n)

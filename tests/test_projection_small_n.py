@@ -170,11 +170,12 @@ def test_the_bias_page_scatter_shows_the_note_under_its_title(monkeypatch):
 
     frame = joint_projection({"individual": features(points(2, seed=1)), "merged": features(points(2, seed=2))}, "tsne")
     monkeypatch.setattr(ui, "projected", lambda *a: frame)
-    ui.bias_scatter.clear()
+    monkeypatch.setattr(ui, "suite_fingerprint", lambda name: "small-n-fingerprint")
+    ui._bias_scatter.clear()
     try:
         fig = ui.bias_scatter("small-n", {}, "cpu", 2, "t", "tsne", ("individual", "merged"), "model", title="t: TSNE")
     finally:
-        ui.bias_scatter.clear()
+        ui._bias_scatter.clear()
     assert fig.layout.title.text == f"t: TSNE<br><sup>{expected_note('tsne', 2, 4)}</sup>"
 
 
