@@ -23,12 +23,16 @@ from merging.methods.base import (
     method_choices,
     params_dict,
 )
+from merging.methods.cart import Cart
 from merging.methods.individual import Individual
+from merging.methods.iso_c import IsoC
+from merging.methods.iso_cts import IsoCts
 from merging.methods.pretrained import Pretrained
 from merging.methods.surgery import Surgery
 from merging.methods.task_arithmetic import TaskArithmetic
 from merging.methods.ties import Ties
 from merging.methods.tinting import Tinting
+from merging.methods.tsv_m import TsvM
 from merging.methods.weight_averaging import WeightAveraging
 from merging.methods.wemoe import WEMoE
 
@@ -40,6 +44,10 @@ METHODS: dict[str, MergeMethod] = {
         WeightAveraging(),
         TaskArithmetic(),
         Ties(),
+        TsvM(),
+        IsoC(),
+        IsoCts(),
+        Cart(),
         AdaMerging(),
         Surgery(),
         WEMoE(),
