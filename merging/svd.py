@@ -14,11 +14,12 @@ on open_clip state dicts. What they share lives here, once:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 
-from merging.errors import ConfigError
+from merging.errors import CheckpointError, ConfigError
 
 StateDict = dict[str, torch.Tensor]
 MatrixMerge = Callable[[str, torch.Tensor], torch.Tensor]
@@ -53,6 +54,8 @@ def thin_svd(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     identity, S zeros, Vh the leading k rows of the identity. Setting it explicitly makes a GPU (cuSOLVER)
     give the CPU's numbers (algorithms_frontier.md §0, zero task vectors).
     """
+    if not torch.isfinite(matrices).all():  # LAPACK either raises or returns NaN here, depending on the shape
+        raise torch.linalg.LinAlgError("the input holds NaN or Inf values")
     u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
     zero = (matrices == 0).flatten(-2).all(-1)
     if zero.any():
@@ -63,6 +66,16 @@ def thin_svd(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
         u, s, vh = u.clone(), s.clone(), vh.clone()
         u[zero], s[zero], vh[zero] = eye_u, 0.0, eye_v
     return u, s, vh
+
+
+@contextmanager
+def named(key: str) -> Iterator[None]:
+    """Turn a failed SVD (non-finite input, e.g. task vectors that overflow float32, or LAPACK not converging) into one
+    line naming the tensor."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as e:
+        raise CheckpointError(f"tensor {key!r}: the SVD failed ({str(e).splitlines()[0]}); check that its weights and task vectors are finite") from None
 
 
 def polar(a: torch.Tensor) -> torch.Tensor:
@@ -86,6 +99,10 @@ def merge_by_key(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Map
             out[key] = base.clone()
             continue
         taus = stacked_task_vectors(pretrained, finetuned, key)
-        merged = merge_matrix(key, taus) if is_matrix(key, base) else taus.mean(dim=0)
+        if is_matrix(key, base):
+            with named(key):
+                merged = merge_matrix(key, taus)
+        else:
+            merged = taus.mean(dim=0)
         out[key] = (base.to(taus.dtype) + scaling * merged).to(base.dtype)
     return out

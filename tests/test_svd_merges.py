@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from merging import svd
 from merging import task_vectors as tv
 from merging.cli import main
-from merging.errors import ConfigError
+from merging.errors import CheckpointError, ConfigError
 from merging.methods import get_method, make_params, specs
 from merging.methods.iso_cts import subspace_sizes
 from merging.runs import RunConfig, build_model, run
@@ -253,6 +253,18 @@ def test_iso_cts_refuses_a_negative_common_space_naming_the_tensor():
     fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(8)]
     with pytest.raises(ConfigError, match=r"'blocks\.0\.attn\.out_proj\.weight'.*common_space_fraction"):
         _merge("iso_cts", base, fts, common_space_fraction=0.0)
+
+
+@pytest.mark.parametrize("method", SVD_METHODS)
+def test_a_failed_svd_is_one_line_naming_the_tensor(method):
+    """Finite float32 weights whose task vectors overflow (θ_k − θ₀ = inf) make LAPACK refuse the matrix."""
+    base, fts = _tiny()
+    key = "blocks.0.attn.in_proj_weight"
+    base[key][0, 0] = -3e38
+    fts[0][key][0, 0] = 3e38
+    with pytest.raises(CheckpointError, match=r"^tensor 'blocks\.0\.attn\.in_proj_weight': the SVD failed \(.*\); check") as e:
+        _merge(method, base, fts)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("method", SVD_METHODS)

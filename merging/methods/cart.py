@@ -53,7 +53,8 @@ def cart(pretrained: Mapping[str, torch.Tensor], finetuned: list[Mapping[str, to
         for tau in taus:  # θ_avg accumulated as ``task_vectors.weight_averaging`` does: those keys equal it bit for bit
             merged += (1.0 / len(taus)) * tau
         if is_low_rank_key(key, base):
-            merged = merged + scaling * low_rank_sum(taus - taus.mean(dim=0), rank_ratio)
+            with svd.named(key):
+                merged = merged + scaling * low_rank_sum(taus - taus.mean(dim=0), rank_ratio)
         out[key] = merged.to(base.dtype)
     return out
 
