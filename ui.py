@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
 from merging import artifacts, jobs
@@ -258,9 +260,10 @@ def _bias_scatter(name: str, fingerprint: str, configs: dict[str, RunConfig], de
     title = figure_title(title, frame.attrs.get("note", ""))
     rows = frame[frame["model"].isin(shown)].reset_index(drop=True)
     by_model = color == "model"
+    colours = MODEL_COLOURS if by_model else class_colours(list(dict.fromkeys(rows["classname"])))
     fig = px.scatter(rows, x="x", y="y", color="model" if by_model else "classname", symbol=None if by_model else "model",
                      custom_data=["sample", "model"], hover_data=["classname", "predicted_classname", "correct"], height=620,
-                     color_discrete_map=MODEL_COLOURS, title=title)
+                     color_discrete_map=colours, title=title)
     fig.update_traces(marker={"size": 6, "opacity": 0.75})
     fig.update_layout(dragmode="lasso", legend_title=None, xaxis_title=None, yaxis_title=None)
     return fig
@@ -298,17 +301,126 @@ def run_label(result: dict) -> str:
     return result["title"] + (f" ({', '.join(extras)})" if extras else "")
 
 
+REFERENCE_COLOURS = {"pretrained": "#9ca3af", "individual": MODEL_COLOURS["individual"]}
+"""The reference rows keep one colour on every chart (Individual the same blue as on the bias page)."""
+_PALETTE = ["#dc2626", "#f59e0b", "#16a34a", "#9333ea", "#0891b2", "#db2777", "#65a30d", "#ea580c", "#4f46e5", "#0d9488",
+            "#a16207", "#be123c", "#7c3aed", "#15803d", "#0369a1", "#b45309", "#6d28d9", "#047857", "#c2410c", "#1d4ed8"]
+
+
+def method_colours() -> dict[str, str]:
+    """One colour per registered method, the same on every page: the references fixed, the rest in registry order."""
+    from merging.methods import METHODS
+
+    others = [m for m in METHODS if m not in REFERENCE_COLOURS]
+    return {**REFERENCE_COLOURS, **{m: _PALETTE[i % len(_PALETTE)] for i, m in enumerate(others)}}
+
+
+def method_of(label: str) -> str | None:
+    """The registered method a row label names (its title, optionally followed by the preset and overrides)."""
+    from merging.methods import METHODS
+
+    titles = sorted(((m.title, name) for name, m in METHODS.items()), key=lambda t: -len(t[0]))
+    return next((name for title, name in titles if label == title or label.startswith(title + " (")), None)
+
+
+def row_order(labels: list[str]) -> list[str]:
+    """Pretrained first, Individual last, the merges between in registry order: the references never move."""
+    from merging.methods import METHODS
+
+    rank = {m: i + 1 for i, m in enumerate(METHODS)}
+    rank.update(pretrained=0, individual=len(METHODS) + 1)
+    return sorted(labels, key=lambda label: (rank.get(method_of(label) or "", len(METHODS)), labels.index(label)))
+
+
+def label_colours(labels: list[str]) -> dict[str, str]:
+    """Row label -> its method's colour (rows of one method with other settings share it)."""
+    colours = method_colours()
+    return {label: colours.get(method_of(label) or "", "#6b7280") for label in labels}
+
+
 def accuracy_bars(table: pd.DataFrame, title: str = "Per-task accuracy") -> None:
-    long = table.reset_index(names="method").melt(id_vars="method", var_name="task", value_name="accuracy")
-    fig = px.bar(long, x="task", y="accuracy", color="method", barmode="group", title=title, height=420)
+    order = row_order(list(table.index))
+    long = table.loc[order].reset_index(names="method").melt(id_vars="method", var_name="task", value_name="accuracy")
+    fig = px.bar(long, x="task", y="accuracy", color="method", barmode="group", title=title, height=420,
+                 color_discrete_map=label_colours(order), category_orders={"method": order})
     fig.update_layout(yaxis_title="accuracy (%)", legend_title=None, margin=dict(t=50, b=10))
     st.plotly_chart(fig, width="stretch")
+
+
+def class_colours(classnames: list[str]) -> dict[str, str]:
+    """Classes named by colours (mini8's ``colors``: "red", "teal", ...) drawn in those colours; {} otherwise (plotly's palette).
+
+    Pillow's colour-name table decides what is a colour; a task with any other name keeps the palette for all.
+    """
+    from PIL import ImageColor
+
+    out = {}
+    for name in classnames:
+        try:
+            r, g, b = ImageColor.getrgb(name.replace(" ", ""))[:3]
+        except ValueError:
+            return {}
+        out[name] = f"rgb({r},{g},{b})"
+    return out
+
+
+def layer_figure(layered: pd.DataFrame, title: str) -> go.Figure:
+    """Mean L1 per layer, blocks in network order then the final features, one line per model.
+
+    The final features are a separate point (after the projection), not joined to the last block by the
+    line; lines get distinct dashes and markers so one never hides another where they coincide.
+    """
+    from merging.features import FINAL
+
+    blocks = sorted({layer for layer in layered["layer"] if layer != FINAL}, key=lambda b: int("".join(filter(str.isdigit, b)) or 0))
+    order = [*blocks, FINAL]
+    fig = go.Figure()
+    styles = {"merged": ("solid", "circle"), "merged + Surgery": ("dash", "diamond")}
+    for model, rows in layered.groupby("model", sort=False):
+        by_layer = rows.set_index("layer")["value"]
+        dash, symbol = styles.get(model, ("dot", "square"))
+        colour = MODEL_COLOURS.get(model)
+        fig.add_scatter(x=blocks, y=[by_layer.get(b) for b in blocks], mode="lines+markers", name=model, legendgroup=model,
+                        line=dict(dash=dash, color=colour, width=2.5), marker=dict(symbol=symbol, size=9, color=colour))
+        if FINAL in by_layer:
+            fig.add_scatter(x=[FINAL], y=[by_layer[FINAL]], mode="markers", name=model, legendgroup=model, showlegend=False,
+                            marker=dict(symbol=symbol, size=12, color=colour, line=dict(width=1, color="black")))
+    fig.update_layout(title=title, height=420, yaxis_title="mean L1 to individual", margin=dict(t=50, b=10),
+                      xaxis=dict(type="category", categoryorder="array", categoryarray=order, title="layer (blocks in order, then the final features)"))
+    return fig
+
+
+def cost_figure(cost: pd.DataFrame, x: str) -> go.Figure:
+    """Average accuracy against a cost (``cost`` has one row per method label), every method visible.
+
+    Costs span orders of magnitude, so the axis is logarithmic; a method that costs nothing (0 trainable
+    parameters, no adaptation) is drawn on the axis floor, labelled "0" there, instead of vanishing.
+    Each marker is labelled with its method and its cost, so nothing needs a hover.
+    """
+    values = cost[x].astype(float)
+    positive = values[values > 0]
+    floor = 10 ** np.floor(np.log10(positive.min()) - 1) if len(positive) else 1.0
+    drawn = values.where(values > 0, floor)
+    unit = " s" if "seconds" in x else ""
+    fmt = (lambda v: f"{v:.1f}{unit}") if "seconds" in x else (lambda v: f"{v:,.0f}")
+    colours = label_colours(list(cost.index))
+    fig = go.Figure()
+    for label in cost.index:
+        fig.add_scatter(x=[drawn[label]], y=[cost.loc[label, "average accuracy"]], mode="markers+text", name=label,
+                        marker=dict(size=14, color=colours[label], line=dict(width=1, color="white")),
+                        text=[f"{label}<br>{fmt(values[label])}"], textposition="top center")
+    ticks = [floor, *sorted(set(10.0 ** np.arange(np.ceil(np.log10(floor)) + 1, np.ceil(np.log10(max(values.max(), floor * 10))) + 1)))]
+    fig.update_layout(title=f"Average accuracy vs {x} (log axis; 0 drawn at the left edge)", height=460, showlegend=False,
+                      xaxis=dict(type="log", title=x, tickvals=ticks, ticktext=["0", *(fmt(t) for t in ticks[1:])]),
+                      yaxis_title="average accuracy (%)", margin=dict(t=50, b=10))
+    return fig
 
 
 def accuracy_tabs(table: pd.DataFrame, reference: str | None, filename: str, extra: list[str] | None = None) -> list:
     """Bars, then tabs with the accuracy table and the normalized one (both downloadable); returns any ``extra`` tabs."""
     from merging.evaluation import normalized_table
 
+    table = table.loc[row_order(list(table.index))]
     tabs = st.tabs(["Accuracy (%)", "Normalized (% of individual)", *(extra or [])])
     with tabs[0]:
         st.dataframe(table.style.format("{:.1f}").background_gradient(cmap="Blues", axis=None), width="stretch")

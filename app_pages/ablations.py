@@ -108,11 +108,14 @@ if len(axes) == 2:
     st.subheader(f"{axes[0]} × {axes[1]}")
     for metric in ["average"] + (["l1_average"] if has_l1 else []):
         heat = sweeps.grid_table(frame, axes[0], axes[1], metric)
-        fig = px.imshow(heat.values, x=[str(c) for c in heat.columns], y=[str(i) for i in heat.index], text_auto=".1f" if metric == "average" else ".3f",
+        digits = 1 if metric == "average" else 3
+        fig = px.imshow(heat.values, x=[str(c) for c in heat.columns], y=[str(i) for i in heat.index], text_auto=f".{digits}f",
                         labels=dict(x=axes[1], y=axes[0], color=metric), color_continuous_scale="Blues" if metric == "average" else "Reds", aspect="auto")
+        fig.update_xaxes(type="category")  # swept values are categories (ranks, versions): one labelled cell each, not a numeric axis
+        fig.update_yaxes(type="category")
         fig.update_layout(title=f"{metric} (mean over seeds)", height=380, margin=dict(t=50, b=10))
         st.plotly_chart(fig, width="stretch")
-        st.dataframe(heat, width="stretch")
+        st.dataframe(heat.style.format(f"{{:.{digits}f}}"), width="stretch")
         ui.download_csv(heat, f"{stem}_{metric}_heatmap.csv")
 with st.expander("All points (one row per point × task)"):
     st.dataframe(frame, width="stretch", hide_index=True)

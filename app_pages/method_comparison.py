@@ -41,9 +41,9 @@ with tab_cost:
     cost = pd.DataFrame({labels[m]: {"average accuracy": r["average"], "trainable params": r["parameters"]["trainable"],
                                      "total params": r["parameters"]["total"], "adapt seconds": r["seconds"]["adapt"],
                                      "evaluate seconds": r["seconds"]["evaluate"]} for m, r in done.items()}).T
-    fig = px.scatter(cost.reset_index(names="method"), x="trainable params", y="average accuracy", color="method", size="total params",
-                     hover_data=["adapt seconds"], log_x=True, title="Average accuracy vs trainable parameters (marker size: total)")
-    st.plotly_chart(fig, width="stretch")
+    cost = cost.loc[ui.row_order(list(cost.index))]
+    x = st.radio("Cost", ["trainable params", "total params", "adapt seconds"], horizontal=True, key="cmp-cost-x")
+    st.plotly_chart(ui.cost_figure(cost, x), width="stretch")
     st.dataframe(cost.style.format({"average accuracy": "{:.1f}", "adapt seconds": "{:.1f}", "evaluate seconds": "{:.1f}",
                                     "trainable params": "{:,.0f}", "total params": "{:,.0f}"}), width="stretch")
     ui.download_csv(cost, f"{name}_{preset}_cost.csv")

@@ -2,7 +2,6 @@
 Surgery, the bias metrics per task, the per-layer bias curve, and the images behind selected points."""
 
 import numpy as np
-import plotly.express as px
 import streamlit as st
 
 import ui
@@ -108,11 +107,12 @@ if tab_metrics.open:
         surgery_summary()
         table = final.pivot_table(index=["task", "model"], columns="metric", values="value", sort=False)
         cols = [c for c in ("l1", "l2", "cosine", "cka", "knn_overlap", "accuracy") if c in table.columns]
-        st.dataframe(table[cols].style.format("{:.3f}"), width="stretch")
-        ui.download_csv(table[cols], f"{name}_bias_metrics.csv")
+        shown = table[cols].rename(columns={"accuracy": f"accuracy on the {n} sampled images (%)"})
+        st.dataframe(shown.style.format("{:.3f}"), width="stretch")
+        st.caption(f"Accuracy here is on the {n} stratified test images per task that the metrics use, not the whole test set "
+                   "(the Overview and Method comparison pages give that).")
+        ui.download_csv(shown, f"{name}_bias_metrics.csv")
 if tab_layers.open:
     with tab_layers:
         layered = metrics[(metrics["metric"] == "l1") & (metrics["model"] != "individual") & (metrics["task"] == task)]
-        st.plotly_chart(px.line(layered, x="layer", y="value", color="model", markers=True, labels={"value": "mean L1 to individual"},
-                                color_discrete_map=ui.MODEL_COLOURS, title=f"{task}: mean L1 distance per block (vs the individual model)"),
-                        width="stretch")
+        st.plotly_chart(ui.layer_figure(layered, f"{task}: mean L1 distance per block (vs the individual model)"), width="stretch")

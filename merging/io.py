@@ -13,7 +13,8 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,6 +51,30 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+@contextmanager
+def exclusive(lock_path: str | Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (``fcntl.flock``; released when the process ends, however it ends).
+
+    Two processes that need the same cached artifact compute it once: the second waits here (``on_wait`` is
+    called once if it has to), then finds the first one's result in the cache.
+    """
+    import fcntl
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def read_cached(path: str | Path, read: Callable[[Path], T], what: str = "cache entry") -> T | None:

@@ -31,6 +31,8 @@ from merging.suites import Suite, get_suite
 from merging.sweeps import SweepConfig, run_sweep
 
 ACTIVE = ("queued", "running")
+VIEW_HINTS = ("projection", "project_task")
+"""``FeaturesRequest`` fields that pick the first view a job prepares, not what it computes (left out of ``job_id``)."""
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -129,7 +131,15 @@ def job_from_dict(d: Mapping[str, Any]) -> Job:
 
 
 def job_id(job: Job) -> str:
-    blob = json.dumps(job.to_dict(), sort_keys=True, default=str)
+    """The id of the *work* a job does: two requests that compute the same runs and features are one job.
+
+    A ``FeaturesRequest``'s projection and task only say which view to fit first (a hint, not part of the
+    work), so a page switching UMAP to t-SNE, or a second tab on another task, attaches to the running job.
+    """
+    spec = job.to_dict()
+    if spec.get("features"):
+        spec = {**spec, "features": {k: v for k, v in spec["features"].items() if k not in VIEW_HINTS}}
+    blob = json.dumps(spec, sort_keys=True, default=str)
     return f"{job.kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -147,6 +157,10 @@ def read_status(cache_dir: str | Path, jid: str) -> dict | None:
         status = load_json(path)
     except (OSError, ValueError):
         return None
+    if not isinstance(status, dict) or "state" not in status:
+        return None
+    if status["state"] in ACTIVE and (path.parent / CANCEL_MARK).is_file():
+        status = {**status, "state": "cancelled", "message": "cancelled"}
     if status.get("state") in ACTIVE and not _alive(status.get("pid")):
         if time.time() - status.get("updated", 0) > 5:  # the worker died without saying so
             status = {**status, "state": "error", "message": "the worker process ended unexpectedly"}
@@ -185,6 +199,7 @@ def start(job: Job | Mapping[str, Any], cache_dir: str | Path = "cache", restart
     if status and status["state"] in ("error", "cancelled") and not restart_failed:
         return jid
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / CANCEL_MARK).unlink(missing_ok=True)
     lock = folder / "start.lock"
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -215,17 +230,33 @@ def start(job: Job | Mapping[str, Any], cache_dir: str | Path = "cache", restart
     return jid
 
 
-def cancel(cache_dir: str | Path, jid: str) -> None:
+CANCEL_MARK = "cancel"
+"""A file in a job's folder: the job was cancelled. Read before any status, so a worker that writes one more
+progress line before its signal arrives is never shown as running again."""
+
+
+def cancel(cache_dir: str | Path, jid: str, grace: float = 3.0) -> None:
+    """Stop a queued or running job for good: mark it cancelled, SIGTERM its process group, SIGKILL after ``grace`` s."""
     status = read_status(cache_dir, jid)
     if not status or status["state"] not in ACTIVE:
         return
+    folder = job_dir(cache_dir, jid)
+    (folder / CANCEL_MARK).touch()
+    _write(folder, {**status, "state": "cancelled", "message": "cancelled"})
     pid = status.get("pid")
-    if pid and _alive(pid):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not pid or not _alive(pid):
+            return
         try:
-            os.killpg(pid, signal.SIGTERM)
+            os.killpg(pid, sig)
         except (ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    _write(job_dir(cache_dir, jid), {**status, "state": "cancelled", "message": "cancelled"})
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                return
+        deadline = time.time() + grace
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.05)
 
 
 def list_jobs(cache_dir: str | Path = "cache", active_only: bool = False) -> list[dict]:
@@ -297,6 +328,8 @@ def work(jid: str, cache_dir: str | Path = "cache") -> int:
     last = [0.0]
 
     def progress(fraction: float, message: str) -> None:
+        if (folder / CANCEL_MARK).is_file():  # cancelled while this process was busy in a long call
+            raise KeyboardInterrupt
         now = time.time()
         if now - last[0] > 0.3 or fraction >= 1.0:
             last[0] = now

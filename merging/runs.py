@@ -22,7 +22,7 @@ import torch
 from merging.device import default_device, default_preset
 from merging.errors import CheckpointError, ConfigError
 from merging.evaluation import evaluate
-from merging.io import load_json, load_state_dict, read_cached, remove_stale_temps, save_json, save_state_dict
+from merging.io import exclusive, load_json, load_state_dict, read_cached, remove_stale_temps, save_json, save_state_dict
 from merging.methods import BuildContext, MergeMethod, RunContext, RunInput, get_method, make_params, params_dict
 from merging.model import MultiTaskModel
 from merging.progress import ProgressFn, scaled
@@ -190,10 +190,21 @@ def run(
     method, params, preset = config.resolve(device)
     key = run_key(config, suite, method, params)
     folder = run_dir(cache_dir, key)
-    remove_stale_temps(folder)
     cached = None if force else read_result(folder)
     if cached is not None and (not method.data_dependent or _state_readable(folder)):
         return cached
+    with exclusive(folder.parent / f".{key}.lock", lambda: progress and progress(0.0, "waiting for another process computing this run")):
+        cached = None if force else read_result(folder)  # computed by the process we waited for
+        if cached is not None and (not method.data_dependent or _state_readable(folder)):
+            return cached
+        remove_stale_temps(folder)
+        return _compute(config, suite, method, params, preset, key, cache_dir, device, progress)
+
+
+def _compute(config: RunConfig, suite: Suite, method: MergeMethod, params: Any, preset: str | None, key: str,
+             cache_dir: str | Path, device: str, progress: ProgressFn | None) -> dict:
+    """Build, adapt (data-dependent methods), check and evaluate the run's model; write its state and result."""
+    folder = run_dir(cache_dir, key)
     target = suite.subset(list(config.tasks)) if config.tasks else suite
     model = build_model(config, suite, cache_dir, device, scaled(progress, 0.1, 0.2, "inputs: "))[0].to(device)
     check_finite_model(model, config)

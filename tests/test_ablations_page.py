@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def test_finished_two_axis_sweep_renders_curves_and_heatmap(finished):
     heat = next(d.value for d in at.dataframe if list(d.value.columns) == [2, 3])
     expected = grid_table(finished.frame, "scaling", "num_tasks")
     assert heat.loc[0.6, 3] == pytest.approx(expected.loc[0.6, 3])
+    heatmap = json.loads(charts[-1].proto.spec)["layout"]  # swept values are categories: one labelled cell each (issue #23.2)
+    assert heatmap["xaxis"]["type"] == heatmap["yaxis"]["type"] == "category"
     per_task = next(d.value for d in at.dataframe if "task" in d.value.columns and "mean" in d.value.columns)
     avg = per_task[(per_task.task == "average") & (per_task.scaling == 0.2)]
     assert avg["mean"].item() == pytest.approx(finished.frame.drop_duplicates("key").query("scaling == 0.2")["average"].mean())

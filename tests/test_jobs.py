@@ -116,3 +116,59 @@ def test_typed_jobs_round_trip_through_their_dict_and_keep_their_id(job):
     back = jobs.job_from_dict(json.loads(json.dumps(job.to_dict())))
     assert back == job and jobs.job_id(back) == jobs.job_id(job)
     assert jobs.job_id(job).startswith(job.kind + "-")
+
+
+def test_a_cancelled_job_stays_cancelled_when_the_page_asks_again(micro_suite, micro_cache):
+    """Issue #23.4: after Cancel the page reruns and asks for the same work (automatic start): nothing restarts, and a
+    worker that wrote one more progress line before its signal arrived is not shown as running again."""
+    spec = RunsJob("micro", (RunConfig("micro", "surgery", {"iterations": 100001}, "fast"),), "cpu")
+    jid = jobs.start(spec, micro_cache)
+    pid = _wait(micro_cache, jid, ("running",))["pid"]
+    jobs.cancel(micro_cache, jid)
+    assert not jobs._alive(pid)
+    assert jobs.start(spec, micro_cache, restart_failed=False, restart_done=True) == jid  # the page's automatic start
+    status = jobs.read_status(micro_cache, jid)
+    assert status["state"] == "cancelled" and status["pid"] == pid
+    late = {**status, "state": "running", "message": "adapting: step 3"}  # the worker's last write, after the mark
+    jobs._write(jobs.job_dir(micro_cache, jid), late)
+    assert jobs.read_status(micro_cache, jid)["state"] == "cancelled"
+    jobs.start(spec, micro_cache)  # Retry: runs again
+    assert jobs.read_status(micro_cache, jid)["state"] in jobs.ACTIVE
+    jobs.cancel(micro_cache, jid)
+
+
+def test_a_views_projection_and_task_do_not_make_another_job():
+    """Issue #23.5: switching UMAP to t-SNE, or a second tab on another task, is the same work."""
+    runs = (RunConfig("micro", "individual"), RunConfig("micro", "task_arithmetic"))
+    ids = {jobs.job_id(RunsJob("micro", runs, "cpu", FeaturesRequest(300, True, proj, task)))
+           for proj in ("umap", "tsne", "pca") for task in (None, "colors", "digits")}
+    assert len(ids) == 1
+    assert jobs.job_id(RunsJob("micro", runs, "cpu", FeaturesRequest(240, True, "umap"))) not in ids  # other features: other work
+
+
+def test_two_processes_needing_the_same_run_compute_it_once(tmp_path, monkeypatch):
+    """Issue #23.5: a per-run lock; the second caller waits and reads the first one's result."""
+    import threading
+
+    from conftest import random_suite
+
+    import merging.runs as runs
+
+    computed, real = [], runs._compute
+
+    def slow_compute(*args, **kwargs):
+        computed.append(1)
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "_compute", slow_compute)
+    suite, config, out = random_suite(), RunConfig("random", "task_arithmetic", {"scaling": 0.45}), []
+    waited = []
+    threads = [threading.Thread(target=lambda: out.append(runs.run(config, suite, tmp_path, "cpu", progress=lambda f, m: waited.append(m))))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert computed == [1] and out[0] == out[1]
+    assert "waiting for another process computing this run" in waited

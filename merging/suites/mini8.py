@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merging.errors import CheckpointError, ConfigError, DataError
-from merging.io import atomic_write, load_json, log, remove_stale_temps, save_json
+from merging.io import atomic_write, exclusive, load_json, log, remove_stale_temps, save_json
 from merging.model import build_encoder
 from merging.progress import ProgressFn, scaled, track
 from merging.suites.base import Suite, TaskData
@@ -338,21 +338,12 @@ def load(folder: str | Path) -> Suite:
 
 def load_or_build(name: str, seed: int = 0, cache_dir: str | Path = "cache", progress: ProgressFn | None = None) -> Suite:
     """Load the cached suite, or build and cache it (first use, or when the cached folder is damaged)."""
-    import fcntl
-
     folder = suite_dir(name, seed, cache_dir)
     suite = _load_intact(folder)
     if suite is not None:
         return suite
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # two jobs asking for the same suite build it once
-            if progress:
-                progress(0.0, "waiting for another process building this suite")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        suite = _load_intact(folder)
+    with exclusive(folder.parent / f".{folder.name}.lock", lambda: progress and progress(0.0, "waiting for another process building this suite")):
+        suite = _load_intact(folder)  # built by the process we waited for
         if suite is not None:
             return suite
         remove_stale_temps(folder)
