@@ -15,6 +15,7 @@ import streamlit as st
 from merging import artifacts, jobs
 from merging.device import default_device, default_preset
 from merging.errors import MergeLensError
+from merging.progress import time_left
 from merging.runs import RunConfig, cached_result, load_model
 from merging.suites import Suite, get_suite, input_stamp, is_built, list_suites
 
@@ -76,9 +77,20 @@ def suite_is_built(name: str) -> bool:
 def require_suite(name: str) -> Suite:
     """The suite, or a pointer to the Overview page (which builds it) and the end of this page's run."""
     if not suite_is_built(name):
-        st.info(f"The {name} suite is not built yet: open the Overview page to build it.")
+        building = building_job(name)
+        if building is None:
+            st.info(f"The {name} suite is not built yet: open the Overview page to build it.")
+        else:
+            st.info(f"The {name} suite is being built ({100 * building.get('progress', 0):.0f} %, {building.get('message', '')}); "
+                    "this page fills in when it is done.")
+            job_panel(building["id"], f"Building {name}")
         st.stop()
     return load_suite(name)
+
+
+def building_job(name: str) -> dict | None:
+    """The running job that builds suite ``name`` (every job on a suite builds it first), if any."""
+    return next((j for j in jobs.list_jobs(CACHE_DIR, active_only=True) if j.get("spec", {}).get("suite") == name), None)
 
 
 def load_suite(name: str) -> Suite:
@@ -112,7 +124,9 @@ def job_progress(jid: str, label: str) -> str | None:
     state = status["state"]
     if state in jobs.ACTIVE:
         cols = st.columns([5, 1])
-        cols[0].progress(status.get("progress", 0.0), text=f"{label}: {status.get('message', '')}")
+        fraction = status.get("progress", 0.0)
+        eta = time_left(status.get("updated", 0) - status.get("started", 0), fraction)
+        cols[0].progress(fraction, text=f"{label}: {status.get('message', '')}" + (f" · {eta}" if eta else ""))
         if cols[1].button("Cancel", key=f"cancel-{jid}"):
             jobs.cancel(CACHE_DIR, jid)
             st.rerun(scope="app")

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import yaml
 from merging.device import default_device
 from merging.errors import ConfigError
 from merging.io import atomic_write, load_json, read_cached, save_json
-from merging.progress import ProgressFn
+from merging.progress import ProgressFn, scaled
 from merging.runs import RunConfig, cached_result, run
 from merging.suites import Suite, get_suite
 
@@ -201,10 +201,12 @@ def threads_per_worker(workers: int) -> int:
     return max(1, THREAD_BUDGET // max(1, workers))
 
 
-def _run_local(configs: Sequence[RunConfig], suite: Suite, cache_dir: str, device: str | None, workers: int, done) -> None:
+def _run_local(configs: Sequence[RunConfig], suite: Suite, cache_dir: str, device: str | None, workers: int, done,
+               within: Callable[[int], ProgressFn | None] | None = None) -> None:
+    """``within(i)``: the progress of point ``i`` while it runs in this process, so the bar moves inside a point."""
     if workers <= 1:
         for i, c in enumerate(configs):
-            done(i, run(c, suite, cache_dir=cache_dir, device=device))
+            done(i, run(c, suite, cache_dir=cache_dir, device=device, progress=within(i) if within else None))
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -276,8 +278,13 @@ def run_points(points: Sequence[Point], suite: Suite, cache_dir: str | Path = "c
     if progress is not None:
         progress(finished[0] / max(1, len(points)), f"{finished[0]}/{len(points)} points cached; running {len(todo)}")
     configs = [points[i].config for i in todo]
+
+    def within(j: int) -> ProgressFn | None:
+        start = finished[0] / len(points)
+        return scaled(progress, start, start + 1 / len(points), f"point {finished[0] + 1}/{len(points)}: ")
+
     if configs and executor == "local":
-        _run_local(configs, suite, cache_dir, device, workers, done)
+        _run_local(configs, suite, cache_dir, device, workers, done, within)
     elif configs:
         _run_ray(configs, cache_dir, device, workers, address, done)
     return [r for r in results if r is not None], len(todo)

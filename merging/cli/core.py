@@ -17,6 +17,7 @@ from merging.io import atomic_write, load_yaml_mapping, save_json
 from merging.merge_files import merge_files
 from merging.methods import BASELINES, METHODS, specs
 from merging.methods_doc import methods_markdown
+from merging.progress import line_progress
 from merging.runs import RunConfig, program_report, run
 from merging.suites import BUILTIN_SUITES, get_suite
 
@@ -127,7 +128,7 @@ def cmd_docs(args: argparse.Namespace) -> int:
 
 
 def cmd_suite_build(args: argparse.Namespace) -> int:
-    suite = get_suite(args.name, seed=args.seed, cache_dir=args.cache_dir)
+    suite = get_suite(args.name, seed=args.seed, cache_dir=args.cache_dir, progress=line_progress())
     secs = suite.info.get("build_seconds", {})
     print(f"suite {suite.name}: {len(suite.tasks)} tasks ({', '.join(suite.tasks)}); fingerprint {suite.fingerprint}")
     if secs:
