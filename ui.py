@@ -74,6 +74,51 @@ def suite_is_built(name: str) -> bool:
     return is_built(name, cache_dir=CACHE_DIR)
 
 
+def restore_from_url(prefix: str) -> None:
+    """On a session's first run of a page, put the URL's settings (``?merge-methods=["ties"]``, JSON values) whose
+    names start with ``prefix`` into Session State, before any widget is drawn: a reload, a second tab or a
+    shared link shows the same settings, and so attaches to the same job (a job's id is its work)."""
+    import json
+
+    flag = f"_restored-{prefix}"
+    if st.session_state.get(flag):
+        return
+    st.session_state[flag] = True
+    for key, text in st.query_params.items():
+        if key.startswith(prefix) and key not in st.session_state:
+            try:
+                st.session_state[key] = json.loads(text)
+            except ValueError:
+                continue  # a hand-edited link: the widget keeps its default
+
+
+def save_to_url(prefix: str, skip: tuple[str, ...] = ()) -> None:
+    """Write the page's settings (Session State keys starting with ``prefix``, JSON-able, not in ``skip``) into the URL."""
+    import json
+
+    for key in list(st.session_state):
+        if not isinstance(key, str) or not key.startswith(prefix) or key in skip:
+            continue
+        try:
+            text = json.dumps(st.session_state[key])
+        except (TypeError, ValueError):
+            continue
+        if st.query_params.get(key) != text:
+            st.query_params[key] = text
+
+
+def initial(key: str, **defaults) -> dict:
+    """A widget's default arguments (``value=``, ``index=``, ``default=``), or none when Session State already holds
+    its value (restored from the URL): Streamlit warns when a widget gets both."""
+    return {} if key in st.session_state else defaults
+
+
+def attached_job(job: jobs.Job) -> str | None:
+    """The id of ``job`` if it is queued or running (started by this session, another tab, or before a reload)."""
+    jid = jobs.job_id(job)
+    return jid if jobs.is_active(jobs.read_status(CACHE_DIR, jid)) else None
+
+
 def require_suite(name: str) -> Suite:
     """The suite, or a pointer to the Overview page (which builds it) and the end of this page's run."""
     if not suite_is_built(name):

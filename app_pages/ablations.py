@@ -11,6 +11,7 @@ from merging.errors import MergeLensError
 from merging.jobs import SweepJob
 from merging.methods import METHODS, specs
 
+ui.restore_from_url("abl-")
 settings = ui.sidebar()
 st.title("Ablations")
 builtin = sweeps.builtin_sweeps()
@@ -31,13 +32,22 @@ def describe(option: str) -> str:
 def new_sweep() -> sweeps.SweepConfig:
     """A small sweep on the sidebar's suite: one or two swept keys, comma-separated values, seeds."""
     names = [m for m in METHODS if m not in ("pretrained", "individual")]
-    method = st.selectbox("Method", names, index=names.index("task_arithmetic"), format_func=lambda m: METHODS[m].title, key="abl-method")
+    for key, options in (("abl-method", names),):
+        if st.session_state.get(key, options[0]) not in options:
+            del st.session_state[key]
+    method = st.selectbox("Method", names, format_func=lambda m: METHODS[m].title, key="abl-method",
+                          **ui.initial("abl-method", index=names.index("task_arithmetic")))
     keys = [h.name for h in specs(METHODS[method]) if not h.params_of] + ["num_tasks"]
+    for key in ("abl-key1", "abl-key2"):
+        if key in st.session_state and st.session_state[key] not in keys:
+            del st.session_state[key]
     cols = st.columns(3)
-    grid = {cols[0].selectbox("Swept key", keys, key="abl-key1"): sweeps.parse_values(cols[0].text_input("Values", "0.1,0.3,0.5", key="abl-values1"))}
+    grid = {cols[0].selectbox("Swept key", keys, key="abl-key1"):
+            sweeps.parse_values(cols[0].text_input("Values", key="abl-values1", **ui.initial("abl-values1", value="0.1,0.3,0.5")))}
     if cols[1].checkbox("Second key", key="abl-two"):
-        grid[cols[1].selectbox("Second swept key", keys, index=len(keys) - 1, key="abl-key2")] = sweeps.parse_values(cols[1].text_input("Values", "2,3", key="abl-values2"))
-    seeds = [int(s) for s in cols[2].text_input("Seeds", "0", key="abl-seeds").split(",") if s.strip()]
+        grid[cols[1].selectbox("Second swept key", keys, key="abl-key2", **ui.initial("abl-key2", index=len(keys) - 1))] = sweeps.parse_values(
+            cols[1].text_input("Values", key="abl-values2", **ui.initial("abl-values2", value="2,3")))
+    seeds = [int(s) for s in cols[2].text_input("Seeds", key="abl-seeds", **ui.initial("abl-seeds", value="0")).split(",") if s.strip()]
     preset = settings["preset"] if METHODS[method].presets else None
     return sweeps.SweepConfig(settings["suite"], method, grid, preset=preset, seeds=tuple(seeds))
 
@@ -65,6 +75,8 @@ def show_curves(frame, x: str, by: str, metric: str, stem: str) -> None:
         ui.download_csv(table.set_index([x, by]), f"{stem}_{metric}_{x}_by_{by}.csv")
 
 
+if st.session_state.get("abl-sweep", options[0]) not in options:
+    del st.session_state["abl-sweep"]  # a link to a sweep this cache does not hold
 pick = st.selectbox("Sweep", options, format_func=describe, key="abl-sweep")
 kind, _, key = pick.partition(":")
 try:
@@ -88,11 +100,13 @@ st.caption(f"{config.method} on {config.suite}; swept: {', '.join(f'{k} = {v}' f
            "Bands: ±1 std over seeds (per-task curves of a two-key sweep also spread over the other key).")
 
 
+ui.save_to_url("abl-", skip=("abl-run", "abl-job"))
 if done < total:
     st.write(f"{done} of {total} points computed.")
+    sweep_job = SweepJob(config, settings["device"])
     if st.button("Run the sweep", type="primary", key="abl-run"):
-        st.session_state["abl-job"] = ui.start_job(SweepJob(config, settings["device"]))
-    ui.job_panel(st.session_state.get("abl-job"), "Sweep")
+        st.session_state["abl-job"] = ui.start_job(sweep_job)
+    ui.job_panel(ui.attached_job(sweep_job) or st.session_state.get("abl-job"), "Sweep")
 
 if frame.empty:
     st.stop()

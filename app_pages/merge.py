@@ -11,32 +11,43 @@ from merging.jobs import RunsJob
 from merging.methods import METHODS, HyperparameterSpec, make_params, params_dict, specs
 from merging.runs import RunConfig, program_report
 
+ui.restore_from_url("merge-")
 settings = ui.sidebar()
 name, preset, device = settings["suite"], settings["preset"], settings["device"]
 st.title("Merge")
 suite = ui.require_suite(name)
 
 choices = [m for m in METHODS if m not in ("pretrained", "individual")]
-picked = st.multiselect("Methods", choices, default=[m for m in ("task_arithmetic", "ties") if m in choices],
-                        format_func=lambda m: METHODS[m].title, key="merge-methods")
+if [m for m in st.session_state.get("merge-methods", []) if m not in choices]:
+    del st.session_state["merge-methods"]  # a link naming a method this version does not have
+picked = st.multiselect("Methods", choices, format_func=lambda m: METHODS[m].title, key="merge-methods",
+                        **({} if "merge-methods" in st.session_state else {"default": [m for m in ("task_arithmetic", "ties") if m in choices]}))
 
 
 def widget(h: HyperparameterSpec, value, key: str):
     """One input for one hyperparameter: its help text and allowed values from the method's dataclass."""
     label = f"{h.name} ({h.unit})" if h.unit and h.unit != h.name else h.name
     help_text = f"{h.help} Allowed: {h.allowed()}."
+    restored = key in st.session_state  # from the URL or an earlier run: the widget takes it, no default beside it
+
+    def initial(**kw) -> dict:
+        return {} if restored else kw
+
     if h.type == "bool":
-        return st.checkbox(label, value=bool(value), key=key, help=help_text)
+        return st.checkbox(label, key=key, help=help_text, **initial(value=bool(value)))
     if h.choices:
         options = list(h.choices)
-        return st.selectbox(label, options, index=options.index(value) if value in options else 0, key=key, help=help_text)
+        if restored and st.session_state[key] not in options:
+            del st.session_state[key]
+            restored = False
+        return st.selectbox(label, options, key=key, help=help_text, **initial(index=options.index(value) if value in options else 0))
     if h.type in ("int", "float"):
         cast = int if h.type == "int" else float
         bounds = {"min_value": cast(h.low) if h.low is not None else None, "max_value": cast(h.high) if h.high is not None else None}
         if h.type == "int":
-            return int(st.number_input(label, value=int(value), step=1, key=key, help=help_text, **bounds))
-        return float(st.number_input(label, value=float(value), format="%g", key=key, help=help_text, **bounds))
-    new = st.text_input(label, value="" if value is None else str(value), key=key, help=help_text)
+            return int(st.number_input(label, step=1, key=key, help=help_text, **bounds, **initial(value=int(value))))
+        return float(st.number_input(label, format="%g", key=key, help=help_text, **bounds, **initial(value=float(value))))
+    new = st.text_input(label, key=key, help=help_text, **initial(value="" if value is None else str(value)))
     return new if new != "" or value is not None else None
 
 
@@ -68,7 +79,7 @@ def method_config(method_name: str) -> RunConfig | None:
     """The run the widgets describe, or ``None`` with one ``st.error`` line when a value is not allowed."""
     method = METHODS[method_name]
     used = preset if preset in method.presets else None
-    overrides = param_widgets(method_name, used=used)
+    overrides = param_widgets(method_name, prefix="merge-p-", used=used)
     if used:
         st.caption(f"preset **{used}**: " + ", ".join(f"{k}={v}" for k, v in method.presets[used].items()))
     if method.paper_url:
@@ -90,14 +101,16 @@ if picked:
             if config is not None:
                 configs[m] = config
 
+ui.save_to_url("merge-", skip=("merge-run", "merge-job"))
 results = ui.cached_results(suite, configs, device)
 missing = [label for label, r in results.items() if r is None]
 
 if missing:
     st.write(f"Not computed yet: {', '.join(METHODS[configs[m].method].title for m in missing)}.")
+    job = RunsJob(name, tuple(configs[m] for m in missing), device)
     if st.button("Run", type="primary", key="merge-run"):
-        st.session_state["merge-job"] = ui.start_job(RunsJob(name, tuple(configs[m] for m in missing), device))
-    ui.job_panel(st.session_state.get("merge-job"), "Running")
+        st.session_state["merge-job"] = ui.start_job(job)
+    ui.job_panel(ui.attached_job(job) or st.session_state.get("merge-job"), "Running")
 
 done = {label: r for label, r in results.items() if r is not None}
 if len(done) > 0:

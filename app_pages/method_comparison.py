@@ -11,6 +11,7 @@ from merging.jobs import RunsJob
 from merging.methods import METHODS
 from merging.runs import RunConfig
 
+ui.restore_from_url("cmp-")
 settings = ui.sidebar()
 name, preset, device = settings["suite"], settings["preset"], settings["device"]
 st.title("Method comparison")
@@ -18,7 +19,10 @@ suite = ui.require_suite(name)
 
 ORDER = ["pretrained", "weight_averaging", "task_arithmetic", "ties", "adamerging", "surgery", "wemoe", "tinting", "individual"]
 available = [m for m in ORDER if m in METHODS]
-picked = st.multiselect("Methods", available, default=available, format_func=lambda m: METHODS[m].title, key="cmp-methods")
+if [m for m in st.session_state.get("cmp-methods", []) if m not in available]:
+    del st.session_state["cmp-methods"]
+picked = st.multiselect("Methods", available, format_func=lambda m: METHODS[m].title, key="cmp-methods", **ui.initial("cmp-methods", default=available))
+ui.save_to_url("cmp-", skip=("cmp-run", "cmp-job"))
 configs = {m: RunConfig(name, m, preset=preset if METHODS[m].presets else None) for m in picked}
 results = ui.cached_results(suite, configs, device)
 missing = [m for m, r in results.items() if r is None]
@@ -26,9 +30,10 @@ missing = [m for m, r in results.items() if r is None]
 
 if missing:
     st.write(f"Not computed yet with the **{preset}** preset: {', '.join(METHODS[m].title for m in missing)}.")
+    cmp_job = RunsJob(name, tuple(configs[m] for m in missing), device)
     if st.button("Run the missing methods", type="primary", key="cmp-run"):
-        st.session_state["cmp-job"] = ui.start_job(RunsJob(name, tuple(configs[m] for m in missing), device))
-    ui.job_panel(st.session_state.get("cmp-job"), "Running")
+        st.session_state["cmp-job"] = ui.start_job(cmp_job)
+    ui.job_panel(ui.attached_job(cmp_job) or st.session_state.get("cmp-job"), "Running")
 
 done = {m: r for m, r in results.items() if r is not None}
 if not done:
@@ -56,7 +61,7 @@ if "wemoe" in done:
     c1, c2 = st.columns(2)
     c1.plotly_chart(px.imshow(own, text_auto=".2f", color_continuous_scale="Viridis", aspect="auto",
                               title="Weight of a task's own task vector, per block", labels={"x": "MoE block", "y": "test images of task", "color": "r"}), width="stretch")
-    b = c2.selectbox("Block", range(len(blocks)), format_func=lambda i: f"block {blocks[i]}", index=len(blocks) - 1, key="cmp-block")
+    b = c2.selectbox("Block", range(len(blocks)), format_func=lambda i: f"block {blocks[i]}", key="cmp-block", **ui.initial("cmp-block", index=len(blocks) - 1))
     per_block = pd.DataFrame([routing[t][b] for t in suite.tasks], index=suite.tasks, columns=suite.tasks)
     c2.plotly_chart(px.imshow(per_block, text_auto=".2f", color_continuous_scale="Viridis", aspect="auto",
                               title=f"Mean routing weight in block {blocks[b]}", labels={"x": "expert task vector", "y": "test images of task", "color": "r"}), width="stretch")
@@ -72,7 +77,11 @@ if "tinting" in done:
     st.plotly_chart(px.line(frame, x="epoch", y="kept fraction", color="task", title="Fraction of each batch kept by the filter, per epoch"), width="stretch")
 
 st.subheader("Cross-task accuracy (encoder of task i x head of task j)")
-which = st.selectbox("Model", list(done), format_func=lambda m: labels[m], index=list(done).index("tinting") if "tinting" in done else 0, key="cmp-cross")
+if st.session_state.get("cmp-cross") not in (None, *done):
+    del st.session_state["cmp-cross"]
+which = st.selectbox("Model", list(done), format_func=lambda m: labels[m], key="cmp-cross",
+                     **ui.initial("cmp-cross", index=list(done).index("tinting") if "tinting" in done else 0))
 matrix = ui.cross_task(done[which], name)
 st.plotly_chart(px.imshow(matrix, text_auto=".0f", color_continuous_scale="Blues", aspect="auto", labels={"x": "head / test set j", "y": "encoder adapted for i", "color": "acc %"}), width="stretch")
 ui.download_csv(matrix, f"{name}_{which}_cross_task.csv")
+ui.save_to_url("cmp-", skip=("cmp-run", "cmp-job"))

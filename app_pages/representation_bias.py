@@ -9,6 +9,7 @@ from merging.jobs import FeaturesRequest, RunsJob
 from merging.methods import METHODS
 from merging.runs import RunConfig
 
+ui.restore_from_url("bias-")
 settings = ui.sidebar()
 name, preset, device = settings["suite"], settings["preset"], settings["device"]
 st.title("Representation bias")
@@ -37,7 +38,7 @@ def draw_controls(tasks: list[str] | None = None) -> None:
         c1.selectbox("Base merge", BASES, format_func=lambda m: METHODS[m].title, key="bias-base")
         c2.radio("Projection", PROJECTIONS, format_func=str.upper, horizontal=True, key="bias-proj")
         c3.radio("Show", list(VIEWS), horizontal=True, key="bias-view")
-        c4.number_input("Samples / task", 60, 1000, 300, step=60, key="bias-n")
+        c4.number_input("Samples / task", 60, 1000, step=60, key="bias-n", **ui.initial("bias-n", value=300))
         if tasks:
             c5, c6 = st.columns([2, 5])
             c5.selectbox("Task", tasks, key="bias-task")
@@ -52,6 +53,7 @@ configs = {
     "merged + Surgery": RunConfig(name, "surgery", {"base": base}, preset=preset),
 }
 job = RunsJob(name, tuple(configs.values()), device, FeaturesRequest(n, True, projection, st.session_state.get("bias-task")))
+ui.save_to_url("bias-", skip=("bias-scatter",))
 ready = ui.suite_is_built(name) and ui.bias_ready(name, configs, device, n)
 if not ready:
     draw_controls()

@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from merging.methods import BASELINES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+from merging.jobs import RunsJob  # noqa: E402
 from merging.runs import RunConfig, run  # noqa: E402
 
 
@@ -93,11 +94,11 @@ def test_merge_page_explains_every_hyperparameter(app_cache):
         for h in specs(METHODS[name]):
             if not h.params_of:
                 assert any(x.startswith(h.help) for x in helps), (name, h.name)
-    density = next(w for w in at.number_input if w.label.startswith("density") and w.key.startswith("ties-"))
+    density = next(w for w in at.number_input if w.label.startswith("density") and w.key.startswith("merge-p-ties-"))
     assert (density.min, density.max) == (0.0, 1.0)
     granularity = next(w for w in at.selectbox if w.label == "granularity")
     assert list(granularity.options) == ["layer", "task"]
-    base = next(w for w in at.selectbox if w.key.startswith("surgery-base-"))
+    base = next(w for w in at.selectbox if w.key.startswith("merge-p-surgery-base-"))
     assert "adamerging" in base.options and "surgery" not in base.options
 
 
@@ -109,7 +110,7 @@ def test_merge_page_shows_one_error_line_for_a_bad_value(app_cache, method, labe
     at = _page("app_pages/merge.py")
     at.session_state["merge-methods"] = [method]
     at.run()
-    widget = next(w for w in [*at.number_input, *at.text_input] if w.label == label and w.key.startswith(f"{method}-"))
+    widget = next(w for w in [*at.number_input, *at.text_input] if w.label == label and w.key.startswith(f"merge-p-{method}-"))
     widget.set_value(value).run()
     assert not at.exception, at.exception
     assert [e.value for e in at.error] == [next(e.value for e in at.error if words in e.value)]
@@ -192,3 +193,36 @@ def test_representation_bias_page_scatter_views_metrics_and_layers(bias_cache, m
     charts = at.get("plotly_chart")
     assert len(charts) == 1 and not at.dataframe
     assert _traces(charts[0]) == {"merged", "merged + Surgery"}
+
+
+def test_merge_page_settings_live_in_the_url_and_a_reload_attaches_to_the_running_job(app_cache, micro_suite):
+    """Issue #23.6: the URL restores methods and hyperparameters; the same settings find their running job."""
+    import json
+
+    from merging import jobs
+
+    at = _page("app_pages/merge.py").run()
+    at.multiselect(key="merge-methods").set_value(["surgery"]).run()
+    iterations = next(w for w in at.number_input if w.key.startswith("merge-p-surgery-iterations"))
+    iterations.set_value(100002).run()
+    assert json.loads(at.query_params["merge-methods"]) == ["surgery"] and json.loads(at.query_params[iterations.key]) == 100002
+    at.button(key="merge-run").click().run()
+    job = RunsJob("micro", (RunConfig("micro", "surgery", {"iterations": 100002}, "fast"),), "cpu")
+    jid = jobs.job_id(job)
+    try:
+        for _ in range(120):
+            if jobs.read_status(app_cache, jid) and jobs.read_status(app_cache, jid)["state"] == "running":
+                break
+            time.sleep(0.5)
+        reloaded = _page("app_pages/merge.py")  # a reload or a shared link: a new session with the same URL
+        for key, value in at.query_params.items():
+            reloaded.query_params[key] = value
+        reloaded.run()
+        assert not reloaded.exception, reloaded.exception
+        assert reloaded.multiselect(key="merge-methods").value == ["surgery"]
+        assert next(w for w in reloaded.number_input if w.key == iterations.key).value == 100002
+        bars = [e.proto.text for e in reloaded.get("progress")]
+        assert len([b for b in bars if b.startswith("Running: ")]) == 1  # attached to the job the first tab started (the sidebar lists it too)
+        assert jobs.start(job, app_cache) == jid and len([j for j in jobs.list_jobs(app_cache, active_only=True) if j["id"] == jid]) == 1
+    finally:
+        jobs.cancel(app_cache, jid)
