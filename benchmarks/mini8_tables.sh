@@ -13,3 +13,7 @@ $PY -m merging table --suite mini8 --preset "$PRESET" --normalized --csv "benchm
   pretrained,weight_averaging,task_arithmetic,ties,adamerging,surgery:base=weight_averaging,surgery:base=task_arithmetic,surgery:base=ties,surgery:base=adamerging,surgery:base=task_arithmetic\;version=2,wemoe,tinting,individual
 $PY -m merging metrics --suite mini8 --methods individual,weight_averaging,task_arithmetic,ties --reference individual --n 500 --csv benchmarks/results/mini8_bias_baselines.csv > /dev/null
 $PY -m merging metrics --suite mini8 --methods "individual,task_arithmetic,surgery:base=task_arithmetic" --reference individual --n 500 --csv benchmarks/results/mini8_bias_surgery.csv > /dev/null
+# The data-free frontier (issue #21): each method, and Surgery on each as its base
+$PY -m merging table --suite mini8 --preset "$PRESET" --normalized --csv "benchmarks/results/mini8_frontier_$PRESET.csv" --methods \
+  pretrained,task_arithmetic,tsv_m,iso_c,iso_cts,cart,wudi,consensus,surgery:base=task_arithmetic,surgery:base=tsv_m,surgery:base=iso_c,surgery:base=iso_cts,surgery:base=cart,surgery:base=wudi,surgery:base=consensus,individual
+$PY -m merging metrics --suite mini8 --methods individual,task_arithmetic,tsv_m,iso_c,iso_cts,cart,wudi,consensus --reference individual --n 500 --csv benchmarks/results/mini8_bias_frontier.csv > /dev/null
