@@ -382,13 +382,16 @@ def method_of(label: str) -> str | None:
     return next((name for title, name in titles if label == title or label.startswith(title + " (")), None)
 
 
-def row_order(labels: list[str]) -> list[str]:
-    """Pretrained first, Individual last, the merges between in registry order: the references never move."""
-    from merging.methods import METHODS
+def row_order(labels: list[str], by_name: bool = False) -> list[str]:
+    """Pretrained first, Individual last, the merges between in registry order (data-free ones, then data-dependent
+    ones): the references never move. ``labels`` are row labels (method titles), or method names with ``by_name``."""
+    from merging.methods import GROUPS, METHODS, method_group
 
-    rank = {m: i + 1 for i, m in enumerate(METHODS)}
+    names = sorted(METHODS, key=lambda m: (GROUPS.index(method_group(m)), list(METHODS).index(m)))
+    rank = {m: i + 1 for i, m in enumerate(names)}
     rank.update(pretrained=0, individual=len(METHODS) + 1)
-    return sorted(labels, key=lambda label: (rank.get(method_of(label) or "", len(METHODS)), labels.index(label)))
+    name_of = (lambda label: label) if by_name else method_of
+    return sorted(labels, key=lambda label: (rank.get(name_of(label) or "", len(METHODS)), labels.index(label)))
 
 
 def label_colours(labels: list[str]) -> dict[str, str]:
@@ -421,6 +424,19 @@ def class_colours(classnames: list[str]) -> dict[str, str]:
             return {}
         out[name] = f"rgb({r},{g},{b})"
     return out
+
+
+def surgery_outcomes(samples: list[int], labels, predictions: dict[str, dict[int, int]]) -> dict[str, list[int]]:
+    """Selected test images by what Surgery did to them: the moment a teacher shows (issue #23, teaching help).
+
+    ``predictions`` maps "merged" and "merged + Surgery" to {test index: predicted class}. "merged wrong": the
+    merge misclassifies; of those, "fixed by Surgery": Surgery gets right, "still wrong": Surgery gets wrong too.
+    """
+    merged, surgery = predictions["merged"], predictions["merged + Surgery"]
+    truth = {s: int(labels[s]) for s in samples}
+    wrong = [s for s in samples if merged[s] != truth[s]]
+    return {"all": list(samples), "merged wrong": wrong, "fixed by Surgery": [s for s in wrong if surgery[s] == truth[s]],
+            "still wrong": [s for s in wrong if surgery[s] != truth[s]]}
 
 
 def layer_figure(layered: pd.DataFrame, title: str) -> go.Figure:

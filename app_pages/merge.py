@@ -8,7 +8,7 @@ import ui
 from merging.errors import ConfigError
 from merging.evaluation import accuracy_table
 from merging.jobs import RunsJob
-from merging.methods import METHODS, HyperparameterSpec, make_params, params_dict, specs
+from merging.methods import METHODS, HyperparameterSpec, make_params, method_group, params_dict, specs
 from merging.runs import RunConfig, program_report
 
 ui.restore_from_url("merge-")
@@ -17,10 +17,10 @@ name, preset, device = settings["suite"], settings["preset"], settings["device"]
 st.title("Merge")
 suite = ui.require_suite(name)
 
-choices = [m for m in METHODS if m not in ("pretrained", "individual")]
+choices = [m for m in ui.row_order(list(METHODS), by_name=True) if method_group(m) != "reference"]
 if [m for m in st.session_state.get("merge-methods", []) if m not in choices]:
     del st.session_state["merge-methods"]  # a link naming a method this version does not have
-picked = st.multiselect("Methods", choices, format_func=lambda m: METHODS[m].title, key="merge-methods",
+picked = st.multiselect("Methods", choices, format_func=lambda m: f"{METHODS[m].title} · {method_group(m)}", key="merge-methods",
                         **({} if "merge-methods" in st.session_state else {"default": [m for m in ("task_arithmetic", "ties") if m in choices]}))
 
 

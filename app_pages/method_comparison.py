@@ -8,7 +8,7 @@ import streamlit as st
 import ui
 from merging.evaluation import accuracy_table
 from merging.jobs import RunsJob
-from merging.methods import METHODS
+from merging.methods import GROUPS, METHODS, method_group
 from merging.runs import RunConfig
 
 ui.restore_from_url("cmp-")
@@ -17,11 +17,13 @@ name, preset, device = settings["suite"], settings["preset"], settings["device"]
 st.title("Method comparison")
 suite = ui.require_suite(name)
 
-ORDER = ["pretrained", "weight_averaging", "task_arithmetic", "ties", "adamerging", "surgery", "wemoe", "tinting", "individual"]
-available = [m for m in ORDER if m in METHODS]
+available = ui.row_order(list(METHODS), by_name=True)
+groups = {g: [m for m in available if method_group(m) == g] for g in GROUPS}
+st.caption(" · ".join(f"**{g}**: {', '.join(METHODS[m].title.split(' (')[0] for m in ms)}" for g, ms in groups.items()))
 if [m for m in st.session_state.get("cmp-methods", []) if m not in available]:
     del st.session_state["cmp-methods"]
-picked = st.multiselect("Methods", available, format_func=lambda m: METHODS[m].title, key="cmp-methods", **ui.initial("cmp-methods", default=available))
+picked = st.multiselect("Methods", available, format_func=lambda m: f"{METHODS[m].title} · {method_group(m)}", key="cmp-methods",
+                        **ui.initial("cmp-methods", default=available))
 ui.save_to_url("cmp-", skip=("cmp-run", "cmp-job"))
 configs = {m: RunConfig(name, m, preset=preset if METHODS[m].presets else None) for m in picked}
 results = ui.cached_results(suite, configs, device)

@@ -6,7 +6,7 @@ import streamlit as st
 
 import ui
 from merging.jobs import FeaturesRequest, RunsJob
-from merging.methods import METHODS
+from merging.methods import METHODS, method_group
 from merging.runs import RunConfig
 
 ui.restore_from_url("bias-")
@@ -16,7 +16,8 @@ st.title("Representation bias")
 st.caption("The merged model's features drift from each individual model's on the same images (Yang et al., 2024). "
            "One joint projection of all models' features per task keeps positions comparable; Surgery pulls the merged features back.")
 
-BASES = [m for m in ("task_arithmetic", "ties", "weight_averaging", "adamerging") if m in METHODS]
+BASES = list(dict.fromkeys(m for m in ("task_arithmetic", "ties", "weight_averaging", *METHODS) if method_group(m) == "data-free, one model"))
+BASES += [m for m in ("adamerging",) if m in METHODS]  # a data-dependent base whose run Surgery reuses
 PROJECTIONS = ["umap", "tsne", "pca"]
 VIEWS = {"before Surgery": ["individual", "merged"], "after Surgery": ["individual", "merged + Surgery"],
          "both": ["individual", "merged", "merged + Surgery"]}
@@ -93,6 +94,10 @@ if tab_projection.open:
             st.markdown(f"**{len(selected)} selected test images** (true label, then each model's prediction)")
             data, features = suite.data[task], ui.bias_features(name, configs, device, n)
             preds = {m: dict(zip(fs[task].indices.tolist(), fs[task].predictions.tolist(), strict=True)) for m, fs in features.items()}
+            groups = ui.surgery_outcomes(selected, data.test_labels, preds)
+            pick = st.radio("Show", list(groups), horizontal=True, key="bias-outcome",
+                            format_func=lambda g: f"{g} ({len(groups[g])})")
+            selected = groups[pick]
             cols = st.columns(8)
             for i, s in enumerate(selected[:32]):
                 img = np.kron(data.test_images[s].numpy(), np.ones((3, 3, 1), np.uint8))

@@ -14,7 +14,7 @@ import torch
 
 from merging.errors import CheckpointError, ConfigError
 from merging.io import atomic_write, check_compatible, check_finite_state, load_state_dict, save_state_dict
-from merging.methods import get_method, make_params
+from merging.methods import METHODS, get_method, make_params
 from merging.methods.base import StaticMergeMethod
 
 
@@ -28,7 +28,7 @@ def merge_files(
     """Load, validate, merge and atomically write; raises a one-line ``MergeLensError`` on bad input."""
     method = get_method(method_name)
     if not isinstance(method, StaticMergeMethod) or method.name in ("pretrained",):
-        allowed = ["weight_averaging", "task_arithmetic", "ties"]
+        allowed = [m.name for m in METHODS.values() if isinstance(m, StaticMergeMethod) and m.name != "pretrained"]
         raise ConfigError(f"method {method_name!r} cannot merge raw checkpoints; use one of: {', '.join(allowed)}")
     params = make_params(method, settings or {})
     if not finetuned:

@@ -72,9 +72,10 @@ def test_merge_page_runs_a_new_setting_in_the_background(app_cache, micro_suite)
     for _ in range(90):
         time.sleep(1)
         at.run()
-        if at.dataframe and len(at.dataframe[0].value) > n_rows:
+        if at.dataframe and any("scaling=0.55" in i for i in at.dataframe[0].value.index):
             break
     table = at.dataframe[0].value
+    assert len(table) == n_rows  # the new setting replaced Task Arithmetic's row
     label = next(i for i in table.index if "scaling=0.55" in i)
     expected = run(RunConfig("micro", "task_arithmetic", {"scaling": 0.55}), micro_suite, cache_dir=app_cache, device="cpu")
     assert table.loc[label, "avg"] == pytest.approx(expected["average"])

@@ -69,3 +69,10 @@ def test_one_colour_per_method_on_overview_and_method_comparison(app_cache):  # 
     assert {ind, pre, ta} <= shared
     assert all(a[m] == b[m] for m in shared)
     assert list(b) == [pre, ta, ind]  # the references at the ends
+
+
+def test_selected_images_split_by_what_surgery_did():
+    labels = [0, 1, 2, 0, 1]
+    preds = {"merged": {0: 0, 1: 2, 2: 1, 3: 1, 4: 1}, "merged + Surgery": {0: 0, 1: 1, 2: 0, 3: 0, 4: 0}}
+    groups = ui.surgery_outcomes([0, 1, 2, 3, 4], labels, preds)
+    assert groups == {"all": [0, 1, 2, 3, 4], "merged wrong": [1, 2, 3], "fixed by Surgery": [1, 3], "still wrong": [2]}

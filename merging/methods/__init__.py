@@ -24,6 +24,7 @@ from merging.methods.base import (
     params_dict,
 )
 from merging.methods.cart import Cart
+from merging.methods.consensus import Consensus
 from merging.methods.individual import Individual
 from merging.methods.iso_c import IsoC
 from merging.methods.iso_cts import IsoCts
@@ -35,6 +36,7 @@ from merging.methods.tinting import Tinting
 from merging.methods.tsv_m import TsvM
 from merging.methods.weight_averaging import WeightAveraging
 from merging.methods.wemoe import WEMoE
+from merging.methods.wudi import Wudi
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m
@@ -48,6 +50,8 @@ METHODS: dict[str, MergeMethod] = {
         IsoC(),
         IsoCts(),
         Cart(),
+        Wudi(),
+        Consensus(),
         AdaMerging(),
         Surgery(),
         WEMoE(),
@@ -56,6 +60,19 @@ METHODS: dict[str, MergeMethod] = {
 }
 
 BASELINES = ["pretrained", "individual", "weight_averaging", "task_arithmetic", "ties"]
+
+
+REFERENCES = ("pretrained", "individual")
+GROUPS = ("reference", "data-free, one model", "data-dependent")
+"""How the pages group methods: the two reference rows; merges that need only the weights and give one plain
+model; methods that also use unlabeled test images (and may add modules)."""
+
+
+def method_group(name: str) -> str:
+    """``name``'s group in ``GROUPS``."""
+    if name in REFERENCES:
+        return "reference"
+    return "data-dependent" if get_method(name).data_dependent else "data-free, one model"
 
 
 def list_methods() -> list[str]:
@@ -86,6 +103,6 @@ def specs(method: MergeMethod) -> list[HyperparameterSpec]:
 
 
 __all__ = [
-    "BASELINES", "METHODS", "BuildContext", "HyperparameterSpec", "MergeMethod", "RunContext", "RunInput", "StaticMergeMethod",
-    "get_method", "list_methods", "make_params", "params_dict", "specs",
+    "BASELINES", "GROUPS", "METHODS", "REFERENCES", "BuildContext", "HyperparameterSpec", "MergeMethod", "RunContext", "RunInput", "StaticMergeMethod",
+    "get_method", "list_methods", "make_params", "method_group", "params_dict", "specs",
 ]  # fmt: skip
