@@ -475,6 +475,7 @@ def cost_figure(cost: pd.DataFrame, x: str) -> go.Figure:
     values = cost[x].astype(float)
     positive = values[values > 0]
     floor = 10 ** np.floor(np.log10(positive.min()) - 1) if len(positive) else 1.0
+    top = max(values.max(), floor)
     drawn = values.where(values > 0, floor)
     unit = " s" if "seconds" in x else ""
     fmt = (lambda v: f"{v:.1f}{unit}") if "seconds" in x else (lambda v: f"{v:,.0f}")
@@ -482,12 +483,16 @@ def cost_figure(cost: pd.DataFrame, x: str) -> go.Figure:
     fig = go.Figure()
     for label in cost.index:
         fig.add_scatter(x=[drawn[label]], y=[cost.loc[label, "average accuracy"]], mode="markers+text", name=label,
-                        marker=dict(size=14, color=colours[label], line=dict(width=1, color="white")),
-                        text=[f"{label}<br>{fmt(values[label])}"], textposition="top center")
-    ticks = [floor, *sorted(set(10.0 ** np.arange(np.ceil(np.log10(floor)) + 1, np.ceil(np.log10(max(values.max(), floor * 10))) + 1)))]
-    fig.update_layout(title=f"Average accuracy vs {x} (log axis; 0 drawn at the left edge)", height=460, showlegend=False,
-                      xaxis=dict(type="log", title=x, tickvals=ticks, ticktext=["0", *(fmt(t) for t in ticks[1:])]),
-                      yaxis_title="average accuracy (%)", margin=dict(t=50, b=10))
+                        marker=dict(size=14, color=colours[label], line=dict(width=1, color="white")), cliponaxis=False,
+                        text=[f"{label.split(' (')[0]}: {fmt(values[label])}"], textposition="middle right")
+    decades = np.arange(np.ceil(np.log10(floor)) + 1, np.ceil(np.log10(top)) + 1)
+    ticks = [floor, *(10.0 ** decades)]
+    accuracy = cost["average accuracy"].astype(float)
+    note = "0 drawn at the left edge" if len(positive) else f"every method shown has 0 {x}"
+    fig.update_layout(title=f"Average accuracy vs {x} (log axis; {note})", height=460, showlegend=False,
+                      xaxis=dict(type="log", title=x, tickvals=ticks, ticktext=["0", *(fmt(t) for t in ticks[1:])],
+                                 range=[np.log10(floor) - 0.3, np.log10(top) + 1.0]),
+                      yaxis=dict(title="average accuracy (%)", range=[accuracy.min() - 3, accuracy.max() + 3]), margin=dict(t=50, b=10))
     return fig
 
 
