@@ -29,7 +29,7 @@ from merging.progress import ProgressFn, scaled
 from merging.suites import Suite, get_suite
 
 CODE_VERSION = "1"
-_SHARED_SOURCES = ("model.py", "task_vectors.py", "evaluation.py", "methods/base.py", "svd.py", "masks.py")
+_SHARED_SOURCES = ("model.py", "task_vectors.py", "evaluation.py", "methods/base.py", "svd.py", "masks.py", "modifiers.py")
 
 
 @dataclass(frozen=True)

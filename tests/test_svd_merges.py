@@ -385,8 +385,9 @@ def test_every_hyperparameter_has_help_a_unit_and_its_source():
         assert m.title and m.paper_url.startswith("https://arxiv.org/abs/")
         for h in specs(m):
             assert h.help and h.unit and "algorithms_frontier.md" in h.help, (method, h.name)
-    assert {h.name: h.default for h in specs(get_method("iso_cts"))} == {"scaling": 1.0, "common_space_fraction": 0.8}
-    assert {h.name: h.default for h in specs(get_method("cart"))} == {"scaling": 2.0, "rank_ratio": 0.12}
+    off = {"dare": 0.0, "dare_seed": 0, "lines": False, "lines_alpha": None, "lines_beta": 0.5}  # DARE, LiNeS off (tests/test_modifiers.py)
+    assert {h.name: h.default for h in specs(get_method("iso_cts"))} == {"scaling": 1.0, "common_space_fraction": 0.8, **off}
+    assert {h.name: h.default for h in specs(get_method("cart"))} == {"scaling": 2.0, "rank_ratio": 0.12, **off}
     with pytest.raises(ConfigError, match="common_space_fraction"):
         make_params(get_method("iso_cts"), {"common_space_fraction": "1.2"})
     with pytest.raises(ConfigError, match="rank_ratio"):

@@ -19,6 +19,7 @@ import torch
 from merging import svd
 from merging.errors import ConfigError
 from merging.methods.base import StateDict, StaticMergeMethod, hyperparameter
+from merging.modifiers import TaskVectorModifiers, merge_with_modifiers
 
 
 def is_low_rank_key(key: str, tensor: torch.Tensor) -> bool:
@@ -60,7 +61,7 @@ def cart(pretrained: Mapping[str, torch.Tensor], finetuned: list[Mapping[str, to
 
 
 @dataclass(frozen=True)
-class CartParams:
+class CartOwnParams:
     scaling: float = hyperparameter(2.0, "Scaling coefficient λ on the summed low-rank centred task vectors, θ = θ_avg + λ·Σ_k LowRank(τ̄_k) "
                                          "(official config key prior: 2.0 for 8 ViT-B/32 tasks, 1.5 for 14, 1.9 for 20; "
                                          "algorithms_frontier.md §4); any real number.", unit="λ")
@@ -70,6 +71,15 @@ class CartParams:
                                        unit="fraction", low=0.0, high=1.0)
 
 
+@dataclass(frozen=True)
+class CartParams(TaskVectorModifiers, CartOwnParams):
+    """CART's own hyperparameters, then DARE and LiNeS (``merging.modifiers``; §8, §9).
+
+    CART has no final coefficient (θ = θ₀ + τ_MTL with τ_MTL = mean_k τ_k + λ·Σ_k LowRank(τ̄_k)): with ``lines`` on, LiNeS scales
+    that whole τ_MTL by depth and λ stays inside it; LiNeS's paper does not run CART.
+    """
+
+
 class Cart(StaticMergeMethod):
     name = "cart"
     title = "CART (centred arithmetic with low rank)"
@@ -77,4 +87,7 @@ class Cart(StaticMergeMethod):
     Params = CartParams
 
     def merge_state_dicts(self, pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, Mapping[str, torch.Tensor]], params: CartParams) -> StateDict:
-        return cart(pretrained, list(finetuned.values()), params.scaling, params.rank_ratio)
+        def merge(p: Mapping[str, torch.Tensor], f: list[Mapping[str, torch.Tensor]], final: float) -> StateDict:
+            return cart(p, f, params.scaling, params.rank_ratio)  # no final coefficient: always called with 1.0
+
+        return merge_with_modifiers(pretrained, finetuned, params, merge, 1.0)

@@ -22,10 +22,11 @@ from merging import masks
 from merging import task_vectors as tv
 from merging.errors import ConfigError
 from merging.methods.base import StateDict, StaticMergeMethod, hyperparameter
+from merging.modifiers import TaskVectorModifiers, merge_with_modifiers
 
 
 @dataclass(frozen=True)
-class ConsensusParams:
+class ConsensusOwnParams:
     k: int = hyperparameter(2, "Keep an entry only if at least k tasks' TALL masks keep it (prun_thre_k = 2 in the official "
                                "config/method/consensus.yaml: drops catastrophic and selfish weights; 0 gives plain TA/TIES, "
                                "more than the number of tasks gives the pretrained model).", unit="tasks", low=0)
@@ -41,6 +42,15 @@ class ConsensusParams:
     density: float = hyperparameter(0.2, "Fraction of each task vector kept by magnitude before TIES's sign election, used only "
                                          "with vectors = ties (reset_thresh = 20 in the official consensus code).",
                                     unit="fraction", low=0.0, high=1.0)
+
+
+@dataclass(frozen=True)
+class ConsensusParams(TaskVectorModifiers, ConsensusOwnParams):
+    """Consensus merging's own hyperparameters, then DARE and LiNeS (``merging.modifiers``; §8, §9).
+
+    With ``lines`` on, τ_MTL is the masked multi-task vector keep ⊙ τ_MTL (official LiNeS consensus: merged_tv * consensus_mask) and
+    ``scaling`` is unused; with DARE the TALL masks are built on the dropped task vectors.
+    """
 
 
 def consensus_merge(
@@ -68,4 +78,7 @@ class Consensus(StaticMergeMethod):
     Params = ConsensusParams
 
     def merge_state_dicts(self, pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, Mapping[str, torch.Tensor]], params: ConsensusParams) -> StateDict:
-        return consensus_merge(pretrained, list(finetuned.values()), params.k, params.tall_lambda, params.vectors, params.scaling, params.density)
+        def merge(p: Mapping[str, torch.Tensor], f: list[Mapping[str, torch.Tensor]], s: float) -> StateDict:
+            return consensus_merge(p, f, params.k, params.tall_lambda, params.vectors, s, params.density)
+
+        return merge_with_modifiers(pretrained, finetuned, params, merge, params.scaling)

@@ -16,6 +16,7 @@ import torch
 
 from merging import svd
 from merging.methods.base import StateDict, StaticMergeMethod, hyperparameter
+from merging.modifiers import TaskVectorModifiers, merge_with_modifiers
 
 
 def iso_c_merge_matrix(key: str, taus: torch.Tensor) -> torch.Tensor:
@@ -31,10 +32,19 @@ def iso_c(pretrained: Mapping[str, torch.Tensor], finetuned: list[Mapping[str, t
 
 
 @dataclass(frozen=True)
-class IsoCParams:
+class IsoCOwnParams:
     scaling: float = hyperparameter(1.0, "Scaling coefficient α applied once to the merged task vector, θ = θ₀ + α·merged "
                                          "(algorithms_frontier.md §2; FusionBench scaling_factor 1.0, its docs run 1.5; the official "
                                          "code picks it on validation from 0.1…3.0); any real number, negative subtracts.", unit="α")
+
+
+@dataclass(frozen=True)
+class IsoCParams(TaskVectorModifiers, IsoCOwnParams):
+    """Iso-C's own hyperparameters, then DARE and LiNeS (``merging.modifiers``; §8, §9).
+
+    With ``lines`` on, τ_MTL is the Iso-C merged task vector (mean on non-matrices) and ``scaling`` is unused; LiNeS's paper does
+    not run Iso-C.
+    """
 
 
 class IsoC(StaticMergeMethod):
@@ -44,4 +54,4 @@ class IsoC(StaticMergeMethod):
     Params = IsoCParams
 
     def merge_state_dicts(self, pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, Mapping[str, torch.Tensor]], params: IsoCParams) -> StateDict:
-        return iso_c(pretrained, list(finetuned.values()), params.scaling)
+        return merge_with_modifiers(pretrained, finetuned, params, iso_c, params.scaling)

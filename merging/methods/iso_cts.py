@@ -19,6 +19,7 @@ import torch
 from merging import svd
 from merging.errors import ConfigError
 from merging.methods.base import StateDict, StaticMergeMethod, hyperparameter
+from merging.modifiers import TaskVectorModifiers, merge_with_modifiers
 
 
 def subspace_sizes(k: int, tasks: int, common_space_fraction: float) -> tuple[int, int]:
@@ -59,7 +60,7 @@ def iso_cts(pretrained: Mapping[str, torch.Tensor], finetuned: list[Mapping[str,
 
 
 @dataclass(frozen=True)
-class IsoCtsParams:
+class IsoCtsOwnParams:
     scaling: float = hyperparameter(1.0, "Scaling coefficient α applied once to the merged task vector, θ = θ₀ + α·merged "
                                          "(algorithms_frontier.md §3; FusionBench scaling_factor 1.0, its docs run 1.5; the official "
                                          "code picks it on validation from 0.1…3.0); any real number, negative subtracts.", unit="α")
@@ -69,6 +70,15 @@ class IsoCtsParams:
                                                        "1 gives Iso-C.", unit="fraction", low=0.0, high=1.0)
 
 
+@dataclass(frozen=True)
+class IsoCtsParams(TaskVectorModifiers, IsoCtsOwnParams):
+    """Iso-CTS's own hyperparameters, then DARE and LiNeS (``merging.modifiers``; §8, §9).
+
+    With ``lines`` on, τ_MTL is the Iso-CTS merged task vector (mean on non-matrices) and ``scaling`` is unused; LiNeS's paper does
+    not run Iso-CTS.
+    """
+
+
 class IsoCts(StaticMergeMethod):
     name = "iso_cts"
     title = "Iso-CTS (isotropic merging, common and task-specific subspaces)"
@@ -76,4 +86,7 @@ class IsoCts(StaticMergeMethod):
     Params = IsoCtsParams
 
     def merge_state_dicts(self, pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, Mapping[str, torch.Tensor]], params: IsoCtsParams) -> StateDict:
-        return iso_cts(pretrained, list(finetuned.values()), params.scaling, params.common_space_fraction)
+        def merge(p: Mapping[str, torch.Tensor], f: list[Mapping[str, torch.Tensor]], s: float) -> StateDict:
+            return iso_cts(p, f, s, params.common_space_fraction)
+
+        return merge_with_modifiers(pretrained, finetuned, params, merge, params.scaling)

@@ -9,12 +9,21 @@ import torch
 
 from merging import task_vectors as tv
 from merging.methods.base import StateDict, StaticMergeMethod, hyperparameter
+from merging.modifiers import TaskVectorModifiers, merge_with_modifiers
 
 
 @dataclass(frozen=True)
-class TaskArithmeticParams:
+class TaskArithmeticOwnParams:
     scaling: float = hyperparameter(0.3, "Scaling coefficient λ on the summed task vectors; 0.3 in AdaMerging, Surgery and FusionBench "
                                          "(config/method/task_arithmetic.yaml); negative values subtract tasks.", unit="λ")
+
+
+@dataclass(frozen=True)
+class TaskArithmeticParams(TaskVectorModifiers, TaskArithmeticOwnParams):
+    """Task arithmetic's own hyperparameters, then DARE and LiNeS (``merging.modifiers``; §8, §9).
+
+    With ``lines`` on, θ = θ₀ + λ(l)·Σ_k τ_k with α = 1/T by default (LiNeS's task-arithmetic recipe) and ``scaling`` unused.
+    """
 
 
 class TaskArithmetic(StaticMergeMethod):
@@ -24,4 +33,4 @@ class TaskArithmetic(StaticMergeMethod):
     Params = TaskArithmeticParams
 
     def merge_state_dicts(self, pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, Mapping[str, torch.Tensor]], params: TaskArithmeticParams) -> StateDict:
-        return tv.task_arithmetic(pretrained, list(finetuned.values()), params.scaling)
+        return merge_with_modifiers(pretrained, finetuned, params, tv.task_arithmetic, params.scaling)

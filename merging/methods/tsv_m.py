@@ -18,6 +18,7 @@ import torch
 
 from merging import svd
 from merging.methods.base import StateDict, StaticMergeMethod, hyperparameter
+from merging.modifiers import TaskVectorModifiers, merge_with_modifiers
 
 
 def tsv_merge_matrix(key: str, taus: torch.Tensor) -> torch.Tensor:
@@ -48,10 +49,19 @@ def tsv_m(pretrained: Mapping[str, torch.Tensor], finetuned: list[Mapping[str, t
 
 
 @dataclass(frozen=True)
-class TsvMParams:
+class TsvMOwnParams:
     scaling: float = hyperparameter(1.0, "Scaling coefficient α applied once to the merged task vector, θ = θ₀ + α·merged "
                                          "(algorithms_frontier.md §1; FusionBench alpha 1; the official code picks it on validation "
                                          "from 0.1…3.0); any real number, negative subtracts.", unit="α")
+
+
+@dataclass(frozen=True)
+class TsvMParams(TaskVectorModifiers, TsvMOwnParams):
+    """TSV-M's own hyperparameters, then DARE and LiNeS (``merging.modifiers``; §8, §9).
+
+    With ``lines`` on, τ_MTL is the TSV-merged task vector (mean on non-matrices) and ``scaling`` is unused; LiNeS's paper does not
+    run TSV-M.
+    """
 
 
 class TsvM(StaticMergeMethod):
@@ -61,4 +71,4 @@ class TsvM(StaticMergeMethod):
     Params = TsvMParams
 
     def merge_state_dicts(self, pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, Mapping[str, torch.Tensor]], params: TsvMParams) -> StateDict:
-        return tsv_m(pretrained, list(finetuned.values()), params.scaling)
+        return merge_with_modifiers(pretrained, finetuned, params, tsv_m, params.scaling)

@@ -31,6 +31,7 @@ from merging import task_vectors as tv
 from merging.device import default_device
 from merging.errors import ConfigError
 from merging.methods.base import StateDict, StaticMergeMethod, hyperparameter
+from merging.modifiers import TaskVectorModifiers, merge_with_modifiers
 from merging.progress import track
 
 WUDI_KEYS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -38,13 +39,22 @@ WUDI_KEYS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "
 
 
 @dataclass(frozen=True)
-class WudiParams:
+class WudiOwnParams:
     steps: int = hyperparameter(300, "Adam steps per block linear weight (--iter default 300 in the official vit/args.py; "
                                      "0 returns the initialisation, the sum of the task vectors).", unit="steps", low=0)
     lr: float = hyperparameter(1e-5, "Adam learning rate on the merged task vector (1e-5, betas (0.9, 0.999), no weight decay, "
                                      "in the official get_redundant_task_vector).", unit="lr", low=0.0, low_open=True)
     scaling: float = hyperparameter(1.0, "Coefficient on the optimised task vector; the official code applies it with "
                                          "scaling_coef = 1 (WUDI has no rescaling).", unit="λ")
+
+
+@dataclass(frozen=True)
+class WudiParams(TaskVectorModifiers, WudiOwnParams):
+    """WUDI's own hyperparameters, then DARE and LiNeS (``merging.modifiers``; §8, §9).
+
+    With ``lines`` on, τ_MTL is the optimised τ_m (zero outside the block linear weights) and ``scaling`` is unused; DARE changes
+    the task vectors WUDI's loss is built on. Neither paper runs WUDI.
+    """
 
 
 def is_wudi_key(key: str) -> bool:
@@ -125,5 +135,8 @@ class Wudi(StaticMergeMethod):
     Params = WudiParams
 
     def merge_state_dicts(self, pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, Mapping[str, torch.Tensor]], params: WudiParams) -> StateDict:
-        # Build has no device; the solve runs on CUDA when available (seconds for ViT-B/32, minutes on a CPU).
-        return wudi_merge(pretrained, list(finetuned.values()), params.steps, params.lr, params.scaling, default_device())
+        device = default_device()  # build has no device; the solve runs on CUDA when available (seconds for ViT-B/32, minutes on a CPU)
+        def merge(p: Mapping[str, torch.Tensor], f: list[Mapping[str, torch.Tensor]], s: float) -> StateDict:
+            return wudi_merge(p, f, params.steps, params.lr, s, device)
+
+        return merge_with_modifiers(pretrained, finetuned, params, merge, params.scaling)
