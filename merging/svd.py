@@ -93,6 +93,9 @@ def merge_by_key(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Map
     (algorithms_frontier.md §0: non-matrix rule, final step; the mean, not the sum, as in the official code)."""
     if not finetuned:
         raise ConfigError("no fine-tuned models to merge: give at least one task")
+    from merging.device import default_device
+
+    device = default_device()  # the SVDs on the GPU when there is one: thin_svd sets the zero-task basis itself
     out: StateDict = {}
     for key, base in pretrained.items():
         if not base.is_floating_point():
@@ -101,7 +104,7 @@ def merge_by_key(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Map
         taus = stacked_task_vectors(pretrained, finetuned, key)
         if is_matrix(key, base):
             with named(key):
-                merged = merge_matrix(key, taus)
+                merged = merge_matrix(key, taus.to(device)).to(taus.device)
         else:
             merged = taus.mean(dim=0)
         out[key] = (base.to(taus.dtype) + scaling * merged).to(base.dtype)
