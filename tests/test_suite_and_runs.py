@@ -114,7 +114,8 @@ def test_individual_encodes_with_each_task_weights(tiny_suite):
 def test_runs_are_cached_and_reloadable(micro_suite, tmp_path):
     config = RunConfig("micro", "ties", {"density": "0.5"})
     first = run(config, micro_suite, cache_dir=tmp_path, device="cpu")
-    assert first["params"] == {"scaling": 0.3, "density": 0.5, "per_tensor": False}
+    assert first["params"] == {"scaling": 0.3, "density": 0.5, "per_tensor": False,  # the task-vector modifiers off (#21)
+                               "dare": 0.0, "dare_seed": 0, "lines": False, "lines_alpha": None, "lines_beta": 0.5}
     assert (run_dir(tmp_path, first["key"]) / "result.json").is_file()
     again = run(config, micro_suite, cache_dir=tmp_path, device="cpu")
     assert again == first
