@@ -6,6 +6,7 @@ import plotly.express as px
 import streamlit as st
 
 import ui
+from merging import artifacts
 from merging.evaluation import accuracy_table
 from merging.jobs import RunsJob
 from merging.methods import GROUPS, METHODS, method_group
@@ -55,35 +56,50 @@ with tab_cost:
                                     "trainable params": "{:,.0f}", "total params": "{:,.0f}"}), width="stretch")
     ui.download_csv(cost, f"{name}_{preset}_cost.csv")
 
-if "wemoe" in done:
-    st.subheader("WEMoE routing")
-    routing = done["wemoe"]["info"]["routing"]
-    blocks = done["wemoe"]["info"]["blocks"]
-    own = pd.DataFrame({t: [routing[t][b][i] for b in range(len(blocks))] for i, t in enumerate(suite.tasks)}, index=[f"block {b}" for b in blocks]).T
-    c1, c2 = st.columns(2)
-    c1.plotly_chart(px.imshow(own, text_auto=".2f", color_continuous_scale="Viridis", aspect="auto",
-                              title="Weight of a task's own task vector, per block", labels={"x": "MoE block", "y": "test images of task", "color": "r"}), width="stretch")
-    b = c2.selectbox("Block", range(len(blocks)), format_func=lambda i: f"block {blocks[i]}", key="cmp-block", **ui.initial("cmp-block", index=len(blocks) - 1))
-    per_block = pd.DataFrame([routing[t][b] for t in suite.tasks], index=suite.tasks, columns=suite.tasks)
-    c2.plotly_chart(px.imshow(per_block, text_auto=".2f", color_continuous_scale="Viridis", aspect="auto",
-                              title=f"Mean routing weight in block {blocks[b]}", labels={"x": "expert task vector", "y": "test images of task", "color": "r"}), width="stretch")
-    task = st.selectbox("Per-sample routing for the test images of", suite.tasks, key="cmp-route-task")
-    samples = ui.routing_samples(done["wemoe"], name, task)
-    st.plotly_chart(px.box(samples, x="expert", y="weight", color="block", points=False,
-                           title=f"Routing weights of {len(samples['sample'].unique())} {task} test images"), width="stretch")
+# Lazy tabs (only the open one runs and is sent to the browser): a returning visitor waits for the charts they look at,
+# not for every routing heatmap and matrix of the page (BENCHMARKS.md, "Cached views")
+names = [n for n, present in (("WEMoE routing", "wemoe" in done), ("Model Tinting: the confidence filter", "tinting" in done),
+                              ("Cross-task accuracy", True)) if present]
+if st.session_state.get("cmp-detail") not in (None, *names):
+    del st.session_state["cmp-detail"]
+details = dict(zip(names, st.tabs(names, key="cmp-detail", on_change="rerun"), strict=True))
+if "WEMoE routing" in details and details["WEMoE routing"].open:
+    with details["WEMoE routing"]:
+        st.subheader("WEMoE routing")
+        routing = done["wemoe"]["info"]["routing"]
+        blocks = done["wemoe"]["info"]["blocks"]
+        own = pd.DataFrame({t: [routing[t][b][i] for b in range(len(blocks))] for i, t in enumerate(suite.tasks)}, index=[f"block {b}" for b in blocks]).T
+        c1, c2 = st.columns(2)
+        c1.plotly_chart(px.imshow(own, text_auto=".2f", color_continuous_scale="Viridis", aspect="auto",
+                                  title="Weight of a task's own task vector, per block", labels={"x": "MoE block", "y": "test images of task", "color": "r"}), width="stretch")
+        b = c2.selectbox("Block", range(len(blocks)), format_func=lambda i: f"block {blocks[i]}", key="cmp-block", **ui.initial("cmp-block", index=len(blocks) - 1))
+        per_block = pd.DataFrame([routing[t][b] for t in suite.tasks], index=suite.tasks, columns=suite.tasks)
+        c2.plotly_chart(px.imshow(per_block, text_auto=".2f", color_continuous_scale="Viridis", aspect="auto",
+                                  title=f"Mean routing weight in block {blocks[b]}", labels={"x": "expert task vector", "y": "test images of task", "color": "r"}), width="stretch")
+        task = st.selectbox("Per-sample routing for the test images of", suite.tasks, key="cmp-route-task")
+        samples = ui.routing_samples(done["wemoe"], name, task)
+        st.plotly_chart(px.box(samples, x="expert", y="weight", color="block", points=False,
+                               title=f"Routing weights of {len(samples['sample'].unique())} {task} test images"), width="stretch")
 
-if "tinting" in done:
-    st.subheader("Model Tinting: the confidence filter")
-    kept = done["tinting"]["info"]["kept_fraction"]
-    frame = pd.DataFrame(kept).reset_index(names="epoch").melt(id_vars="epoch", var_name="task", value_name="kept fraction")
-    st.plotly_chart(px.line(frame, x="epoch", y="kept fraction", color="task", title="Fraction of each batch kept by the filter, per epoch"), width="stretch")
+if "Model Tinting: the confidence filter" in details and details["Model Tinting: the confidence filter"].open:
+    with details["Model Tinting: the confidence filter"]:
+        st.subheader("Model Tinting: the confidence filter")
+        kept = done["tinting"]["info"]["kept_fraction"]
+        frame = pd.DataFrame(kept).reset_index(names="epoch").melt(id_vars="epoch", var_name="task", value_name="kept fraction")
+        st.plotly_chart(px.line(frame, x="epoch", y="kept fraction", color="task", title="Fraction of each batch kept by the filter, per epoch"), width="stretch")
 
-st.subheader("Cross-task accuracy (encoder of task i x head of task j)")
-if st.session_state.get("cmp-cross") not in (None, *done):
-    del st.session_state["cmp-cross"]
-which = st.selectbox("Model", list(done), format_func=lambda m: labels[m], key="cmp-cross",
-                     **ui.initial("cmp-cross", index=list(done).index("tinting") if "tinting" in done else 0))
-matrix = ui.cross_task(done[which], name)
-st.plotly_chart(px.imshow(matrix, text_auto=".0f", color_continuous_scale="Blues", aspect="auto", labels={"x": "head / test set j", "y": "encoder adapted for i", "color": "acc %"}), width="stretch")
-ui.download_csv(matrix, f"{name}_{which}_cross_task.csv")
+if details["Cross-task accuracy"].open:
+    with details["Cross-task accuracy"]:
+        st.subheader("Cross-task accuracy (encoder of task i x head of task j)")
+        if st.session_state.get("cmp-cross") not in (None, *done):
+            del st.session_state["cmp-cross"]
+        which = st.selectbox("Model", list(done), format_func=lambda m: labels[m], key="cmp-cross",
+                             **ui.initial("cmp-cross", index=list(done).index("tinting") if "tinting" in done else 0))
+        if not artifacts.cross_task_cached(done[which], ui.CACHE_DIR):  # computed in the background, then only read
+            st.info(f"Computing the cross-task matrix of {labels[which]} in the background (every encoder on every test set).")
+            ui.job_panel(ui.start_job(RunsJob(name, (configs[which],), device, cross_task=True), automatic=True), "Cross-task matrix")
+            st.stop()
+        matrix = ui.cross_task(done[which], name)
+        st.plotly_chart(px.imshow(matrix, text_auto=".0f", color_continuous_scale="Blues", aspect="auto", labels={"x": "head / test set j", "y": "encoder adapted for i", "color": "acc %"}), width="stretch")
+        ui.download_csv(matrix, f"{name}_{which}_cross_task.csv")
 ui.save_to_url("cmp-", skip=("cmp-run", "cmp-job"))

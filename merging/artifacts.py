@@ -23,6 +23,8 @@ from merging.representations import cached_features, features_present, sample_in
 from merging.runs import load_model, run_dir
 from merging.suites.base import Suite
 
+CROSS_TASK_FILE = "cross_task.csv"
+
 
 def run_features(
     result: dict,
@@ -63,9 +65,14 @@ def features_cached(result: dict, suite: Suite, n: int | None = None, layers: bo
                for t in (tasks if tasks is not None else result["tasks"]))
 
 
+def cross_task_cached(result: dict, cache_dir: str | Path = "cache") -> bool:
+    """Whether ``cached_cross_task_matrix`` would read the run's matrix rather than compute it (asked by the app)."""
+    return (run_dir(cache_dir, result["key"]) / CROSS_TASK_FILE).is_file()
+
+
 def cached_cross_task_matrix(result: dict, suite: Suite, cache_dir: str | Path = "cache", device: str | None = None) -> pd.DataFrame:
     """The matrix of a finished run, computed once and kept next to its ``result.json``."""
-    path = run_dir(cache_dir, result["key"]) / "cross_task.csv"
+    path = run_dir(cache_dir, result["key"]) / CROSS_TASK_FILE
     expected = list(result["tasks"])
 
     def read(p: Path) -> pd.DataFrame:

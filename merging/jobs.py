@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from merging.artifacts import run_features
+from merging.artifacts import cached_cross_task_matrix, run_features
 from merging.errors import ConfigError, MergeLensError
 from merging.io import load_json, save_json
 from merging.progress import ProgressFn
@@ -80,16 +80,18 @@ class RunsJob:
     runs: tuple[RunConfig, ...]
     device: str | None = None
     features: FeaturesRequest | None = None
+    cross_task: bool = False
+    """Also compute each run's cross-task matrix (kept next to the run), so the page that shows it only reads it."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "suite": self.suite, "device": self.device, "runs": [r.to_dict() for r in self.runs],
-                "features": self.features.to_dict() if self.features else None}
+                "features": self.features.to_dict() if self.features else None, "cross_task": self.cross_task}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunsJob:
         runs = tuple(RunConfig.from_dict({"suite": d["suite"], **r}, f"job run {i + 1}") for i, r in enumerate(d["runs"]))
         features = FeaturesRequest.from_dict(d["features"]) if d.get("features") else None
-        return cls(d["suite"], runs, d.get("device"), features)
+        return cls(d["suite"], runs, d.get("device"), features, bool(d.get("cross_task", False)))
 
 
 @dataclass(frozen=True)
@@ -316,6 +318,10 @@ def execute_runs(job: RunsJob, suite: Suite, cache_dir: str | Path, progress: Pr
             task = request.project_task or suite.tasks[0]
             progress(0.99, f"{request.projection} projection of {task}")
             joint_projection({r["key"]: fs[task] for r, fs in zip(results, sets, strict=True)}, method=request.projection, cache_dir=cache_dir)
+    if job.cross_task:
+        for i, r in enumerate(results):
+            progress(0.99 * (i + 1) / len(results), f"cross-task matrix of {r['method']} ({i + 1}/{len(results)})")
+            cached_cross_task_matrix(r, suite, cache_dir, device=job.device)
     return {"keys": [r["key"] for r in results]}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import base64
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,19 @@ def test_every_cached_function_keys_on_what_it_reads():
             assert hidden == ["_result"] and "key" in args, f"{where}: {hidden} is left out of the cache key and no run key stands for it"
 
 
+def _heatmap(at) -> dict | None:
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    return next((sp for sp in specs if sp["data"] and sp["data"][0]["type"] == "heatmap"), None)
+
+
 def _matrix_shown(at) -> np.ndarray:
-    z = json.loads(at.get("plotly_chart")[-1].proto.spec)["data"][0]["z"]
+    """The cross-task heatmap once the page shows it (its first open computes it in a background job, then reruns)."""
+    for _ in range(240):
+        if _heatmap(at) is not None:
+            break
+        time.sleep(0.5)
+        at.run()
+    z = _heatmap(at)["data"][0]["z"]
     if isinstance(z, dict):  # plotly's typed-array encoding: base64 bytes, dtype, shape
         shape = tuple(int(d) for d in z["shape"].split(","))
         return np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape).astype(float)
