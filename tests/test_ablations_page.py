@@ -78,3 +78,25 @@ def test_new_sweep_runs_in_the_background(finished, micro_suite, micro_cache):
     got = per_task[per_task.task == "average"].set_index("scaling")["mean"]
     want = expected.frame.drop_duplicates("key").set_index("scaling")["average"]
     assert got.loc[0.35] == pytest.approx(want.loc[0.35]) and got.loc[0.45] == pytest.approx(want.loc[0.45])
+
+
+def test_a_link_restores_the_sweep_and_its_settings(finished):
+    """Issue #23.6: the sweep picked and a new sweep's settings live in the URL, so a reload or a shared link restores them."""
+    at = AppTest.from_file(str(ROOT / "app_pages/ablations.py"), default_timeout=120)
+    at.session_state["suite"] = "micro"
+    at.query_params["abl-sweep"] = json.dumps(f"done:{finished.id}")
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="abl-sweep").value == f"done:{finished.id}"
+    at.selectbox(key="abl-sweep").set_value("new").run()
+    at.text_input(key="abl-values1").set_value("0.15,0.25").run()
+    link = dict(at.query_params)
+    assert json.loads(link["abl-sweep"]) == "new" and json.loads(link["abl-values1"]) == "0.15,0.25"
+    again = AppTest.from_file(str(ROOT / "app_pages/ablations.py"), default_timeout=120)
+    again.session_state["suite"] = "micro"
+    for k, v in link.items():
+        again.query_params[k] = v
+    again.run()
+    assert not again.exception, again.exception
+    assert again.selectbox(key="abl-sweep").value == "new" and again.text_input(key="abl-values1").value == "0.15,0.25"
+    assert not again.warning  # no "default value and Session State" warning beside a restored widget
