@@ -362,8 +362,10 @@ def run_label(result: dict) -> str:
 
 REFERENCE_COLOURS = {"pretrained": "#9ca3af", "individual": MODEL_COLOURS["individual"]}
 """The reference rows keep one colour on every chart (Individual the same blue as on the bias page)."""
-_PALETTE = ["#dc2626", "#f59e0b", "#16a34a", "#9333ea", "#0891b2", "#db2777", "#65a30d", "#ea580c", "#4f46e5", "#0d9488",
-            "#a16207", "#be123c", "#7c3aed", "#15803d", "#0369a1", "#b45309", "#6d28d9", "#047857", "#c2410c", "#1d4ed8"]
+_PALETTE = ["#9A6324", "#f58231", "#808000", "#911eb4", "#42d4f4", "#469990", "#e6194B", "#f032e6", "#000075", "#3cb44b",
+            "#800000", "#bfef45", "#000000", "#ffd8b1", "#aaffc3", "#dcbeff"]
+"""Kelly's/Trubetskoy's distinct colours, in registry order after the references: neighbours in the legend differ in hue
+and lightness (the first palette had pairs, e.g. TSV-M and Tinting, that a reader could not tell apart)."""
 
 
 def method_colours() -> dict[str, str]:
@@ -469,30 +471,34 @@ def cost_figure(cost: pd.DataFrame, x: str) -> go.Figure:
     """Average accuracy against a cost (``cost`` has one row per method label), every method visible.
 
     Costs span orders of magnitude, so the axis is logarithmic; a method that costs nothing (0 trainable
-    parameters, no adaptation) is drawn on the axis floor, labelled "0" there, instead of vanishing.
-    Each marker is labelled with its method and its cost, so nothing needs a hover.
+    parameters, no adaptation: under 10 ms counts as none) is drawn on the axis floor, labelled "0" there,
+    instead of vanishing. The legend names every marker; a marker whose position no other shares also
+    carries its label and cost, so labels never pile up where many methods cost nothing.
     """
+    seconds = "seconds" in x
     values = cost[x].astype(float)
+    values = values.where(values >= (0.01 if seconds else 1), 0.0)
     positive = values[values > 0]
     floor = 10 ** np.floor(np.log10(positive.min()) - 1) if len(positive) else 1.0
     top = max(values.max(), floor)
     drawn = values.where(values > 0, floor)
-    unit = " s" if "seconds" in x else ""
-    fmt = (lambda v: f"{v:.1f}{unit}") if "seconds" in x else (lambda v: f"{v:,.0f}")
+    fmt = (lambda v: f"{v:g} s") if seconds else (lambda v: f"{v:,.0f}")
     colours = label_colours(list(cost.index))
+    shared = drawn.duplicated(keep=False)
     fig = go.Figure()
     for label in cost.index:
+        text = "" if shared[label] else f"{label.split(' (')[0]}: {fmt(values[label])}"
         fig.add_scatter(x=[drawn[label]], y=[cost.loc[label, "average accuracy"]], mode="markers+text", name=label,
                         marker=dict(size=14, color=colours[label], line=dict(width=1, color="white")), cliponaxis=False,
-                        text=[f"{label.split(' (')[0]}: {fmt(values[label])}"], textposition="middle right")
+                        text=[text], textposition="middle right", hovertext=f"{label}: {fmt(values[label])}", hoverinfo="text+y")
     decades = np.arange(np.ceil(np.log10(floor)) + 1, np.ceil(np.log10(top)) + 1)
     ticks = [floor, *(10.0 ** decades)]
     accuracy = cost["average accuracy"].astype(float)
     note = "0 drawn at the left edge" if len(positive) else f"every method shown has 0 {x}"
-    fig.update_layout(title=f"Average accuracy vs {x} (log axis; {note})", height=460, showlegend=False,
+    fig.update_layout(title=f"Average accuracy vs {x} (log axis; {note})", height=480, legend_title=None,
                       xaxis=dict(type="log", title=x, tickvals=ticks, ticktext=["0", *(fmt(t) for t in ticks[1:])],
-                                 range=[np.log10(floor) - 0.3, np.log10(top) + 1.0]),
-                      yaxis=dict(title="average accuracy (%)", range=[accuracy.min() - 3, accuracy.max() + 3]), margin=dict(t=50, b=10))
+                                 range=[np.log10(floor) - 0.3, np.log10(top) + 1.5]),
+                      yaxis=dict(title="average accuracy (%)", range=[accuracy.min() - 3, accuracy.max() + 3]), margin=dict(t=50, b=10, r=10))
     return fig
 
 

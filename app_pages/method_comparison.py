@@ -52,6 +52,8 @@ with tab_cost:
     cost = cost.loc[ui.row_order(list(cost.index))]
     x = st.radio("Cost", ["trainable params", "total params", "adapt seconds"], horizontal=True, key="cmp-cost-x")
     st.plotly_chart(ui.cost_figure(cost, x), width="stretch")
+    st.caption("Costs are what a method adds to one merged model: Individual's 0 trainable parameters stand for the T fine-tuned "
+               "models themselves, T times the storage of one.")
     st.dataframe(cost.style.format({"average accuracy": "{:.1f}", "adapt seconds": "{:.1f}", "evaluate seconds": "{:.1f}",
                                     "trainable params": "{:,.0f}", "total params": "{:,.0f}"}), width="stretch")
     ui.download_csv(cost, f"{name}_{preset}_cost.csv")
@@ -94,7 +96,10 @@ if details["Cross-task accuracy"].open:
         if st.session_state.get("cmp-cross") not in (None, *done):
             del st.session_state["cmp-cross"]
         which = st.selectbox("Model", list(done), format_func=lambda m: labels[m], key="cmp-cross",
-                             **ui.initial("cmp-cross", index=list(done).index("tinting") if "tinting" in done else 0))
+                             **ui.initial("cmp-cross", index=list(done).index(next((m for m in ("surgery", "wemoe") if m in done), list(done)[0]))))
+        st.caption("Row i: the model as adapted for task i (its encoder, and its per-task modules if it has any), tested with the head "
+                   "of task j. A method that keeps one shared encoder (every static merge; Model Tinting with its default head tint) "
+                   "has identical rows.")
         if not artifacts.cross_task_cached(done[which], ui.CACHE_DIR):  # computed in the background, then only read
             st.info(f"Computing the cross-task matrix of {labels[which]} in the background (every encoder on every test set).")
             ui.job_panel(ui.start_job(RunsJob(name, (configs[which],), device, cross_task=True), automatic=True), "Cross-task matrix")

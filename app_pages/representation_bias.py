@@ -91,18 +91,21 @@ if tab_projection.open:
         surgery_summary()
         selected = sorted({int(p["customdata"][0]) for p in event.selection.points if p.get("customdata")}) if event and event.selection else []
         if selected:
-            st.markdown(f"**{len(selected)} selected test images** (true label, then each model's prediction)")
+            st.markdown(f"**{len(selected)} selected test images** (true label, then each model's prediction; "
+                        "colours here are roles: red the chosen base merge, green the same after Surgery, blue the individual model)")
             data, features = suite.data[task], ui.bias_features(name, configs, device, n)
             preds = {m: dict(zip(fs[task].indices.tolist(), fs[task].predictions.tolist(), strict=True)) for m, fs in features.items()}
             groups = ui.surgery_outcomes(selected, data.test_labels, preds)
-            pick = st.radio("Show", list(groups), horizontal=True, key="bias-outcome",
+            pick = st.radio("Images", list(groups), horizontal=True, key="bias-outcome",
                             format_func=lambda g: f"{g} ({len(groups[g])})")
             selected = groups[pick]
+            if pick != "all":
+                st.caption(f"showing the {len(selected)} {pick}")
             cols = st.columns(8)
             for i, s in enumerate(selected[:32]):
                 img = np.kron(data.test_images[s].numpy(), np.ones((3, 3, 1), np.uint8))
                 caption = f"#{s} **{data.classnames[int(data.test_labels[s])]}**  \n" + "  \n".join(
-                    f"{m[:10]}: {data.classnames[preds[m][s]]}{'' if preds[m][s] == int(data.test_labels[s]) else ' ✗'}" for m in configs)
+                    f"{m}: {data.classnames[preds[m][s]]}{'' if preds[m][s] == int(data.test_labels[s]) else ' ✗'}" for m in configs)
                 cols[i % 8].image(img, caption=caption)
             if len(selected) > 32:
                 st.caption(f"showing the first 32 of {len(selected)}")
