@@ -482,7 +482,7 @@ def cost_figure(cost: pd.DataFrame, x: str) -> go.Figure:
     floor = 10 ** np.floor(np.log10(positive.min()) - 1) if len(positive) else 1.0
     top = max(values.max(), floor)
     drawn = values.where(values > 0, floor)
-    fmt = (lambda v: f"{v:g} s") if seconds else (lambda v: f"{v:,.0f}")
+    fmt = (lambda v: f"{v:.3g} s") if seconds else (lambda v: f"{v:,.0f}")
     colours = label_colours(list(cost.index))
     shared = drawn.duplicated(keep=False)
     fig = go.Figure()
