@@ -15,3 +15,9 @@ class ConfigError(MergeLensError):
 
 class DataError(MergeLensError):
     """A dataset is empty or does not match its head."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line (its first), or its type's name when it has none: for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -112,11 +112,3 @@ class FileDigests:
             text = json.dumps(self._known, separators=(",", ":"))
             atomic_write(self.memo, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         return [found[p][2] for p in names]
-
-
-def combine(parts: Iterable[object]) -> str:
-    """One digest of several parts (strings, digests, JSON-able values), order included."""
-    d = Digest()
-    for p in parts:
-        d.update(p)
-    return d.hexdigest()

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from merging.errors import CheckpointError, ConfigError
+from merging.errors import CheckpointError, ConfigError, first_line
 
 StateDict = dict[str, torch.Tensor]
 T = TypeVar("T")
@@ -89,8 +89,7 @@ def read_cached(path: str | Path, read: Callable[[Path], T], what: str = "cache 
     try:
         return read(path)
     except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the reader raise
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning("warning: %s: damaged %s (%s); recomputing it", path, what, reason[:200])
+        log.warning("warning: %s: damaged %s (%s); recomputing it", path, what, first_line(e)[:200])
         path.unlink(missing_ok=True)
         return None
 

@@ -190,12 +190,12 @@ def run(
     method, params, preset = config.resolve(device)
     key = run_key(config, suite, method, params)
     folder = run_dir(cache_dir, key)
-    cached = None if force else read_result(folder)
-    if cached is not None and (not method.data_dependent or _state_readable(folder)):
+    cached = None if force else _finished(folder, method)
+    if cached is not None:
         return cached
     with exclusive(folder.parent / f".{key}.lock", lambda: progress and progress(0.0, "waiting for another process computing this run")):
-        cached = None if force else read_result(folder)  # computed by the process we waited for
-        if cached is not None and (not method.data_dependent or _state_readable(folder)):
+        cached = None if force else _finished(folder, method)  # computed by the process we waited for
+        if cached is not None:
             return cached
         remove_stale_temps(folder)
         return _compute(config, suite, method, params, preset, key, cache_dir, device, progress)
@@ -244,6 +244,12 @@ def _compute(config: RunConfig, suite: Suite, method: MergeMethod, params: Any, 
     }
     save_json(result, folder / "result.json")
     return result
+
+
+def _finished(folder: Path, method: MergeMethod) -> dict | None:
+    """The run's result if it is complete: its result readable and, for a data-dependent method, its learned state too."""
+    result = read_result(folder)
+    return result if result is not None and (not method.data_dependent or _state_readable(folder)) else None
 
 
 def _state_readable(folder: Path) -> bool:

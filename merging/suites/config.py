@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merging.errors import ConfigError
+from merging.errors import ConfigError, first_line
 
 LAYOUTS = ("task_vectors", "hf", "open_clip")
 HEAD_MODES = ("auto", "files", "zeroshot")
@@ -79,8 +79,7 @@ def _read(path: Path) -> dict:
 
             raw = yaml.safe_load(text)
     except Exception as e:  # yaml.YAMLError, TOMLDecodeError, UnicodeDecodeError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: not a valid {path.suffix[1:].upper()} file ({first})") from None
+        raise ConfigError(f"{path}: not a valid {path.suffix[1:].upper()} file ({first_line(e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     return raw

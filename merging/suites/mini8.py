@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merging.errors import CheckpointError, ConfigError, DataError
-from merging.io import atomic_write, exclusive, load_json, log, remove_stale_temps, save_json
+from merging.errors import CheckpointError, ConfigError
+from merging.io import atomic_write, exclusive, load_json, read_cached, remove_stale_temps, save_json
 from merging.model import build_encoder
 from merging.progress import ProgressFn, scaled, track
 from merging.suites.base import Suite, TaskData
@@ -353,13 +353,6 @@ def load_or_build(name: str, seed: int = 0, cache_dir: str | Path = "cache", pro
 
 
 def _load_intact(folder: Path) -> Suite | None:
-    """The cached suite, or None when it was never completely built or is damaged (then warned about and deleted)."""
-    if not (folder / "manifest.json").is_file():
-        return None
-    try:
-        return load(folder)
-    except (CheckpointError, DataError, ConfigError, OSError, ValueError, KeyError, TypeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning("warning: %s: damaged suite cache (%s); building it again", folder, reason[:200])
-        (folder / "manifest.json").unlink(missing_ok=True)
-        return None
+    """The cached suite, or None when it was never completely built or is damaged (then warned about, its manifest
+    deleted so it is built again)."""
+    return read_cached(folder / "manifest.json", lambda _: load(folder), "suite cache")
