@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from merging import task_vectors as tv
-from merging.adaptation import entropy, optimize, unlabeled_batches
+from merging.adaptation import ANALYSIS_HELP, Trajectory, accuracy_probe, entropy, optimize, unlabeled_batches
 from merging.functional import MergedEncoder
 from merging.methods.base import BuildContext, MergeMethod, RunContext, hyperparameter
 from merging.model import MultiTaskModel
@@ -36,6 +36,7 @@ class AdaMergingParams:
     steps: int = hyperparameter(500, "Iterations; each is one Adam step on the entropy summed over all tasks.", unit="steps", low=1)
     batch_size: int = hyperparameter(16, "Unlabeled test images per batch.", unit="images", low=1)
     batches_per_task: int = hyperparameter(2, "Shuffled unlabeled test batches each task adds to one iteration's loss.", unit="batches", low=1)
+    analysis_test_accuracy: bool = hyperparameter(False, ANALYSIS_HELP)
 
 
 class AdaMergingModel(MultiTaskModel):
@@ -61,21 +62,27 @@ def merge_vectors(suite: Suite, params: AdaMergingParams) -> list[dict[str, torc
     return suite.task_vectors()
 
 
-def entropy_loss(model: AdaMergingModel, batches: Mapping[str, Sequence[torch.Tensor]]) -> torch.Tensor:
-    """sum over tasks and batches of the mean prediction entropy, from one merged forward over all images.
+def entropy_parts(model: AdaMergingModel, batches: Mapping[str, Sequence[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each task's summed mean prediction entropy over its batches, from one merged forward over all images.
 
     The merged weights are built once and every batch goes through the encoder together; samples do
     not interact in a ViT, so this equals a forward per batch.
     """
     flat = [b for task in batches for b in batches[task]]
     features = model.encoder(torch.cat(flat)).split([len(b) for b in flat])
-    loss = features[0].new_zeros(())
+    parts: dict[str, torch.Tensor] = {}
     i = 0
     for task, group in batches.items():
+        parts[task] = features[0].new_zeros(())
         for _ in group:
-            loss = loss + entropy(model.heads[task](features[i]))
+            parts[task] = parts[task] + entropy(model.heads[task](features[i]))
             i += 1
-    return loss
+    return parts
+
+
+def entropy_loss(model: AdaMergingModel, batches: Mapping[str, Sequence[torch.Tensor]]) -> torch.Tensor:
+    """AdaMerging's objective: the sum over tasks and batches of the mean prediction entropy (``entropy_parts`` summed)."""
+    return sum(entropy_parts(model, batches).values())
 
 
 class AdaMerging(MergeMethod):
@@ -99,16 +106,23 @@ class AdaMerging(MergeMethod):
         streams = {t: unlabeled_batches(suite, t, params.batch_size, generator, ctx.device) for t in model.tasks}
         optimizer = torch.optim.Adam([model.encoder.coefficients], lr=params.lr, betas=(0.9, 0.999), weight_decay=0.0)
 
-        def step(_: int) -> float:
+        def step(_: int, update: bool) -> tuple[float, dict[str, float]]:
             batches = {t: [next(streams[t]) for _ in range(params.batches_per_task)] for t in model.tasks}
-            loss = entropy_loss(model, batches)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            return float(loss.detach())
+            with torch.set_grad_enabled(update):
+                parts = entropy_parts(model, batches)
+                loss = sum(parts.values())
+            if update:
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            return float(loss.detach()), {t: float(v.detach()) for t, v in parts.items()}
 
-        curve = optimize(params.steps, step, ctx.progress, desc="AdaMerging", log_every=max(1, params.steps // 100))
         encoder = model.encoder
+        probes = {"coefficients": lambda: encoder.lambdas().detach().cpu().tolist()}
+        if params.analysis_test_accuracy:
+            probes["test_accuracy"] = accuracy_probe(model, suite, ctx.device)
+        trajectory = Trajectory(params.steps, probes)
+        curve = optimize(params.steps, step, ctx.progress, desc="AdaMerging", log_every=max(1, params.steps // 100), trajectory=trajectory)
         return {
             "granularity": params.granularity,
             "vectors": params.vectors,
@@ -117,4 +131,5 @@ class AdaMerging(MergeMethod):
             "coefficients": encoder.lambdas().detach().cpu().tolist(),
             "entropy": curve,
             "entropy_every": max(1, params.steps // 100),
+            "trajectory": trajectory.data,
         }

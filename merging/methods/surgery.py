@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merging import feature_cache
-from merging.adaptation import optimize, unlabeled_indices
+from merging.adaptation import ANALYSIS_HELP, Trajectory, accuracy_probe, optimize, unlabeled_indices
 from merging.errors import ConfigError
 from merging.functional import MergedEncoder
 from merging.methods.base import BuildContext, MergeMethod, RunContext, RunInput, hyperparameter, method_name, nested_params
@@ -45,6 +45,7 @@ class SurgeryParams:
     iterations: int = hyperparameter(500, "Iterations of the schedule (500 in the paper).", unit="iterations", low=1)
     steps_per_task: int = hyperparameter(2, "Per iteration, each task in order takes this many batches, one Adam step each.", unit="steps", low=1)
     batch_size: int = hyperparameter(16, "Unlabeled test images per batch.", unit="images", low=1)
+    analysis_test_accuracy: bool = hyperparameter(False, ANALYSIS_HELP)
 
 
 class SurgeryModule(nn.Module):
@@ -151,20 +152,30 @@ def fit_cached(
     schedule: Schedule,
     optimizer: torch.optim.Optimizer,
     progress=None,
+    trajectory: Trajectory | None = None,
 ) -> list[float]:
-    """Surgery V1 on cached features: each step is L1(module_k(z), z_k) on one batch, then one Adam step."""
+    """Surgery V1 on cached features: each step is L1(module_k(z), z_k) on one batch, then one Adam step.
+    An iteration's objective is the mean of its steps' L1; its parts, each task's mean."""
 
-    def step(i: int) -> float:
-        total = torch.zeros(())
+    def step(i: int, update: bool) -> tuple[float, dict[str, float]]:
+        per_task: dict[str, list[float]] = {}
         for task, idx in schedule[i]:
-            loss = F.l1_loss(modules[task](base_features[task][idx]), targets[task][idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.detach().cpu()
-        return float(total) / len(schedule[i])
+            with torch.set_grad_enabled(update):
+                loss = F.l1_loss(modules[task](base_features[task][idx]), targets[task][idx])
+            if update:
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            per_task.setdefault(task, []).append(float(loss.detach().cpu()))
+        return _mean_and_parts(per_task)
 
-    return optimize(len(schedule), step, progress, desc="Surgery", log_every=_log_every(len(schedule)))
+    return optimize(len(schedule), step, progress, desc="Surgery", log_every=_log_every(len(schedule)), trajectory=trajectory)
+
+
+def _mean_and_parts(per_task: Mapping[str, Sequence[float]]) -> tuple[float, dict[str, float]]:
+    """The mean of every step's loss, and each task's mean."""
+    losses = [v for vs in per_task.values() for v in vs]
+    return sum(losses) / len(losses), {t: sum(vs) / len(vs) for t, vs in per_task.items()}
 
 
 def fit_blocks(
@@ -176,28 +187,30 @@ def fit_blocks(
     optimizer: torch.optim.Optimizer,
     device: str = "cpu",
     progress=None,
+    trajectory: Trajectory | None = None,
 ) -> list[float]:
     """SurgeryV2: the blocks' inputs change as the modules train, so the base encoder re-runs every step;
     loss = sum_l L1(token-mean X_l^surg, token-mean X_l^ind) + L1(z~, z_k), the individual's side cached."""
 
-    def step(i: int) -> float:
-        total = torch.zeros(())
+    def step(i: int, update: bool) -> tuple[float, dict[str, float]]:
+        per_task: dict[str, list[float]] = {}
         for task, idx in schedule[i]:
             data = suite.data[task]
             images = data.preprocess(data.test_images[idx]).to(device)
             record: list[torch.Tensor] = []
-            with model.block_surgery(task, record):
+            with torch.set_grad_enabled(update), model.block_surgery(task, record):
                 z = model.final[task](model.base.encode(images, task))
-            loss = F.l1_loss(z, targets[task][idx])
-            for x, target in zip(record, block_targets[task], strict=True):
-                loss = loss + F.l1_loss(x, target[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.detach().cpu()
-        return float(total) / len(schedule[i])
+                loss = F.l1_loss(z, targets[task][idx])
+                for x, target in zip(record, block_targets[task], strict=True):
+                    loss = loss + F.l1_loss(x, target[idx])
+            if update:
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            per_task.setdefault(task, []).append(float(loss.detach().cpu()))
+        return _mean_and_parts(per_task)
 
-    return optimize(len(schedule), step, progress, desc="SurgeryV2", log_every=_log_every(len(schedule)))
+    return optimize(len(schedule), step, progress, desc="SurgeryV2", log_every=_log_every(len(schedule)), trajectory=trajectory)
 
 
 def individual_model(suite: Suite, tasks: Sequence[str]) -> PerTaskModel:
@@ -236,13 +249,14 @@ class Surgery(MergeMethod):
         generator = torch.Generator().manual_seed(ctx.seed)
         schedule = index_schedule({t: len(base[t]) for t in tasks}, params.iterations, params.steps_per_task, params.batch_size, generator)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=params.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        trajectory = Trajectory(params.iterations, {"test_accuracy": accuracy_probe(model, suite, ctx.device)} if params.analysis_test_accuracy else {})
         if params.version == 1:
-            curve = fit_cached(model.final, base, targets, schedule, optimizer, ctx.progress)
+            curve = fit_cached(model.final, base, targets, schedule, optimizer, ctx.progress, trajectory)
             with torch.no_grad():
                 after = {t: model.final[t](base[t]) for t in tasks}
         else:
             block_targets = {t: feature_cache.block_means(individual, suite, t, device=ctx.device) for t in tasks}
-            curve = fit_blocks(model, suite, targets, block_targets, schedule, optimizer, ctx.device, ctx.progress)
+            curve = fit_blocks(model, suite, targets, block_targets, schedule, optimizer, ctx.device, ctx.progress, trajectory)
             after = {t: feature_cache.encoded(model, suite, t, device=ctx.device) for t in tasks}
         return {
             "base": params.base,
@@ -251,4 +265,5 @@ class Surgery(MergeMethod):
             "l1_after": {t: mean_l1(after[t], targets[t]) for t in tasks},
             "loss": curve,
             "loss_every": _log_every(params.iterations),
+            "trajectory": trajectory.data,
         }

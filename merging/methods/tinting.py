@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from merging.adaptation import optimize, unlabeled_batches
+from merging.adaptation import ANALYSIS_HELP, Trajectory, accuracy_probe, optimize, unlabeled_batches
 from merging.errors import ConfigError
 from merging.functional import MergedEncoder
 from merging.methods.base import BuildContext, MergeMethod, RunContext, hyperparameter
@@ -38,6 +38,7 @@ class TintingParams:
     lr: float = hyperparameter(1e-2, "Adam learning rate (the released code).", low=0.0, low_open=True)
     epochs: int = hyperparameter(500, "Each epoch: tasks in a shuffled order, one batch and one Adam step per task.", unit="epochs", low=0)
     batch_size: int = hyperparameter(32, "Unlabeled test images per batch.", unit="images", low=1)
+    analysis_test_accuracy: bool = hyperparameter(False, ANALYSIS_HELP)
 
     def validate(self) -> None:
         if not self.layer.strip():
@@ -135,28 +136,36 @@ class Tinting(MergeMethod):
         streams = {t: unlabeled_batches(suite, t, params.batch_size, gen, ctx.device) for t in model.tasks}
         kept: dict[str, list[float]] = {t: [] for t in model.tasks}
 
-        def epoch(_: int) -> float:
-            total = 0.0
+        def epoch(_: int, update: bool) -> tuple[float, dict[str, float]]:
+            parts = dict.fromkeys(model.tasks, 0.0)
             for j in torch.randperm(len(model.tasks), generator=gen).tolist():
                 task = model.tasks[j]
                 images = next(streams[task])
                 with torch.no_grad():
                     teacher_logits = teacher.logits(images, task)
-                logits = model.logits(images, task)
+                with torch.set_grad_enabled(update):
+                    logits = model.logits(images, task)
                 labels, keep = self_labels(teacher_logits, logits.detach(), params.confidence_filter)
-                kept[task].append(keep.float().mean().item())
+                if update:
+                    kept[task].append(keep.float().mean().item())
                 if not keep.any():
                     continue
                 loss = F.cross_entropy(logits[keep], labels[keep])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item()
-            return total
+                if update:
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                parts[task] = loss.item()
+            return sum(parts.values()), parts
 
-        losses = optimize(params.epochs, epoch, ctx.progress, desc="Model Tinting", log_every=1)
+        probes = {"coefficients": lambda: model.merged.lambdas().detach().cpu().tolist()}
+        if params.analysis_test_accuracy:
+            probes["test_accuracy"] = accuracy_probe(model, suite, ctx.device)
+        trajectory = Trajectory(params.epochs, probes)
+        losses = optimize(params.epochs, epoch, ctx.progress, desc="Model Tinting", log_every=1, trajectory=trajectory)
         return {
             "loss": losses,
             "kept_fraction": kept,
             "coefficients": {"tensors": model.merged.keys, "tasks": model.tasks, "values": model.merged.lambdas().detach().cpu().tolist()},
+            "trajectory": trajectory.data,
         }

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merging import task_vectors as tv
-from merging.adaptation import entropy, optimize, unlabeled_batches
+from merging.adaptation import ANALYSIS_HELP, Trajectory, accuracy_probe, entropy, optimize, unlabeled_batches
 from merging.errors import ConfigError
 from merging.methods.base import BuildContext, MergeMethod, RunContext, hyperparameter
 from merging.model import SharedEncoderModel, blocks_of
@@ -42,6 +42,7 @@ class WEMoEParams:
     prune: float = hyperparameter(0.0, "E-WEMoE: fraction of smallest-|value| entries removed from each MLP task-vector tensor (0.9 in E-WEMoE).",
                                   unit="fraction", low=0.0, high=1.0, high_open=True)
     shared_router: bool = hyperparameter(False, "E-WEMoE: one router shared by all MoE blocks.")
+    analysis_test_accuracy: bool = hyperparameter(False, ANALYSIS_HELP)
 
     def validate(self) -> None:
         parse_blocks(self.blocks, None)
@@ -220,15 +221,20 @@ class WEMoE(MergeMethod):
         gen = torch.Generator().manual_seed(ctx.seed)
         streams = {t: unlabeled_batches(suite, t, params.batch_size, gen, ctx.device) for t in model.tasks}
 
-        def step(_: int) -> float:
-            loss = sum(entropy(model.logits(next(streams[t]), t)) for t in model.tasks)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            return loss.item()
+        def step(_: int, update: bool) -> tuple[float, dict[str, float]]:
+            with torch.set_grad_enabled(update):
+                parts = {t: entropy(model.logits(next(streams[t]), t)) for t in model.tasks}
+                loss = sum(parts.values())
+            if update:
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            return loss.item(), {t: v.item() for t, v in parts.items()}
 
         log_every = 10
-        losses = optimize(params.steps, step, ctx.progress, desc="WEMoE routers", log_every=log_every)
+        probes = {"test_accuracy": accuracy_probe(model, suite, ctx.device)} if params.analysis_test_accuracy else {}
+        trajectory = Trajectory(params.steps, probes)
+        losses = optimize(params.steps, step, ctx.progress, desc="WEMoE routers", log_every=log_every, trajectory=trajectory)
         stored = sum(int((b != 0).sum()) for m in model.moe_layers() for n, b in m.named_buffers() if "tau" in n)
         return {
             "loss": losses,
@@ -236,4 +242,5 @@ class WEMoE(MergeMethod):
             "blocks": model.moe_blocks,
             "routing": mean_routing(model, suite, ctx.device),
             "nonzero_task_vector_entries": stored,
+            "trajectory": trajectory.data,
         }
