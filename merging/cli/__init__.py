@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from merging.cli import clip, core, representations, sweep
+from merging.cli import clip, core, representations, sweep, whatif
 from merging.errors import MergeLensError
 
-COMMAND_MODULES = [core, clip, representations, sweep]
+COMMAND_MODULES = [core, clip, representations, sweep, whatif]
 
 
 def build_parser() -> argparse.ArgumentParser:
