@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from merging.cli import clip, core, representations, sweep, whatif
+from merging.cli import clip, core, representations, sweep, whatif, why
 from merging.errors import MergeLensError
 
-COMMAND_MODULES = [core, clip, representations, sweep, whatif]
+COMMAND_MODULES = [core, clip, representations, sweep, whatif, why]
 
 
 def build_parser() -> argparse.ArgumentParser:
