@@ -22,6 +22,7 @@ def main() -> None:
         st.Page("app_pages/merge.py", title="Merge", icon=":material/merge:"),
         st.Page("app_pages/representation_bias.py", title="Representation bias", icon=":material/scatter_plot:"),
         st.Page("app_pages/method_comparison.py", title="Method comparison", icon=":material/compare:"),
+        st.Page("app_pages/why_merges_fail.py", title="Why merges fail", icon=":material/troubleshoot:"),
         st.Page("app_pages/ablations.py", title="Ablations", icon=":material/tune:"),
     ]
     pages = [tour, *pages] if suite_built() else [*pages, tour]  # the Overview stays the default page: it builds the suite

@@ -115,7 +115,7 @@ def tasks_per_weight(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence
 
 def effective_rank(singular_values: torch.Tensor | np.ndarray) -> float:
     """exp of the Shannon entropy of σ/Σσ (Roy and Vetterli, EUSIPCO 2007): 1 for a rank-1 matrix, k for k equal σ; 0 for 0."""
-    s = torch.as_tensor(singular_values, dtype=torch.float64)
+    s = torch.tensor(np.asarray(singular_values, dtype=np.float64))
     total = s.sum()
     if total <= 0:
         return 0.0
@@ -204,15 +204,19 @@ def _source_digest() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
+def geometry_path(suite: Suite, merges: Sequence[str], density: float, tall_lambda: float, cache_dir: str | Path) -> Path:
+    """Where ``suite_geometry`` keeps the view: keyed by the suite's fingerprint, the settings and this module's source."""
+    blob = {"v": GEOMETRY_VERSION, "suite": suite.fingerprint, "merges": list(merges), "density": density, "tall_lambda": tall_lambda,
+            "code": _source_digest()}
+    return Path(cache_dir) / "why" / f"geometry-{hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]}.json"
+
+
 def suite_geometry(suite: Suite, merges: Sequence[str] = DEFAULT_MERGES, density: float = 0.2, tall_lambda: float = 0.4,
                    cache_dir: str | Path = "cache", progress: ProgressFn | None = None) -> Geometry:
     """``compute_geometry`` cached under ``cache/why/`` by the suite's fingerprint, the settings and this module's source."""
     if not 0.0 <= density <= 1.0 or not math.isfinite(tall_lambda) or tall_lambda < 0:
         raise ConfigError(f"density = {density!r} must be in [0, 1] and tall_lambda = {tall_lambda!r} a number >= 0")
-    blob = {"v": GEOMETRY_VERSION, "suite": suite.fingerprint, "merges": list(merges), "density": density, "tall_lambda": tall_lambda,
-            "code": _source_digest()}
-    key = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / "why" / f"geometry-{key}.json"
+    path = geometry_path(suite, merges, density, tall_lambda, cache_dir)
     cached = read_cached(path, lambda p: Geometry.from_json(load_json(p)), "geometry cache")
     if cached is not None:
         return cached

@@ -30,7 +30,7 @@ import torch
 
 from merging.errors import ConfigError
 from merging.geometry import cosine_matrix
-from merging.io import read_cached
+from merging.io import atomic_write, read_cached
 from merging.metrics import linear_cka
 from merging.progress import ProgressFn, scaled, track
 from merging.representations import sample_indices
@@ -71,6 +71,14 @@ def cross_features_cka(suite: Suite, n: int | None = 200, seed: int = 0, device:
     return out
 
 
+def pair_table_path(suite: Suite, n: int | None = 200, seed: int = 0, scaling: float = 0.3, top_fraction: float = 0.05,
+                    cache_dir: str | Path = "cache") -> Path:
+    """Where ``pair_table`` keeps its table: keyed by the suite's fingerprint, the settings and this module's source."""
+    blob = {"v": PAIR_VERSION, "suite": suite.fingerprint, "n": n, "seed": seed, "scaling": scaling, "top": top_fraction,
+            "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]}
+    return Path(cache_dir) / "why" / f"pairs-{hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]}.csv"
+
+
 def pair_table(suite: Suite, n: int | None = 200, seed: int = 0, scaling: float = 0.3, top_fraction: float = 0.05, cache_dir: str | Path = "cache",
                device: str | None = None, progress: ProgressFn | None = None) -> pd.DataFrame:
     """One row per task pair: ``pair, task_i, task_j``, every metric of ``METRICS`` and ``normalized_accuracy`` (%) of
@@ -80,9 +88,7 @@ def pair_table(suite: Suite, n: int | None = 200, seed: int = 0, scaling: float 
 
     if len(suite.tasks) < 3:
         raise ConfigError(f"suite {suite.name!r} has {len(suite.tasks)} tasks: a correlation over pairs needs at least 3 tasks (3 pairs)")
-    blob = {"v": PAIR_VERSION, "suite": suite.fingerprint, "n": n, "seed": seed, "scaling": scaling, "top": top_fraction,
-            "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]}
-    path = Path(cache_dir) / "why" / f"pairs-{hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]}.csv"
+    path = pair_table_path(suite, n, seed, scaling, top_fraction, cache_dir)
     cached = read_cached(path, _read_table, "pair-metrics cache")
     if cached is not None:
         return cached
@@ -110,8 +116,6 @@ def pair_table(suite: Suite, n: int | None = 200, seed: int = 0, scaling: float 
             "normalized_accuracy": 100.0 * (merged["accuracy"][i] / own[i] + merged["accuracy"][j] / own[j]) / 2,
         })  # fmt: skip
     table = pd.DataFrame(rows)
-    from merging.io import atomic_write
-
     atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
     return table
 
