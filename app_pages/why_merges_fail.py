@@ -39,8 +39,9 @@ if tabs["Trajectories"].open:
     with tabs["Trajectories"]:
         c1, c2 = st.columns([1, 2])
         method = c1.selectbox("Method", ADAPTIVE, format_func=lambda m: METHODS[m].title, key="why-traj-method")
-        analysis = c2.toggle("Record test accuracy along the run: ANALYSIS ONLY, reads the test labels (a separate run; nothing is chosen by it)",
-                             key="why-traj-analysis")
+        analysis = c2.toggle("Test accuracy along the run (analysis only: reads test labels)", key="why-traj-analysis",
+                             help="Runs the method again with analysis_test_accuracy=true, which evaluates every task's labeled test set at the "
+                                  "recorded points. Off by default; nothing is ever chosen by it.")
         config = RunConfig(name, method, {"analysis_test_accuracy": True} if analysis else {}, preset)
         result = cached_result(config, suite, ui.CACHE_DIR, device)
         if result is None:

@@ -98,15 +98,39 @@ def _histogram(counts: Sequence[torch.Tensor], n_tasks: int) -> np.ndarray:
     return (total / total.sum()).numpy()
 
 
-def tasks_per_weight(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]], density: float = 0.2,
-                     tall_lambda: float = 0.4) -> pd.DataFrame:
+def ties_counts(vectors: Sequence[Mapping[str, torch.Tensor]], density: float = 0.2) -> dict[str, torch.Tensor]:
+    """How many tasks' TIES vectors keep each entry, key by key: the counts of non-zero entries of
+    ``task_vectors.ties_vectors`` (one global trim per task, sign election, agreeing entries; Yadav et al. 2023), computed
+    without concatenating T whole task vectors (one task's magnitudes at a time)."""
+    keys = list(vectors[0])
+    thresholds = []
+    for v in vectors:
+        flat = torch.cat([v[k].reshape(-1).abs() for k in keys])
+        k = flat.numel() - int(flat.numel() * density)
+        thresholds.append(flat.kthvalue(k).values if k > 0 else None)
+        del flat
+    trimmed = {}
+    majority = 0.0
+    for key in keys:
+        stacked = torch.stack([v[key] if t is None else v[key] * (v[key].abs() >= t) for v, t in zip(vectors, thresholds, strict=True)])
+        trimmed[key] = stacked
+        majority += float(torch.sign(stacked.sum(0)).sum())
+    counts = {}
+    for key in keys:
+        stacked = trimmed.pop(key)
+        sign = torch.sign(stacked.sum(0))
+        sign[sign == 0] = math.copysign(1.0, majority) if majority != 0 else 0.0
+        counts[key] = (tv.agreeing(stacked, sign) != 0).sum(0)
+    return counts
+
+
+def tasks_per_weight(vectors: Sequence[Mapping[str, torch.Tensor]], density: float = 0.2, tall_lambda: float = 0.4) -> pd.DataFrame:
     """``rule, tasks, fraction``: the share of all float weights kept by exactly 0, 1, ..., T tasks under TIES (trimmed to
     ``density`` and agreeing with the elected sign, Yadav et al. 2023) and under TALL masks (|τ_t| > λ|τ_MTL − τ_t|,
     τ_MTL the task-arithmetic sum; Wang et al. 2024). Weights kept by 0 tasks are TALL's "catastrophic", by 1 "selfish"."""
-    n = len(finetuned)
-    kept = tv.ties_vectors(pretrained, finetuned, density)
-    ties = _histogram([sum((v[k] != 0).int() for v in kept) for k in kept[0]], n)
-    vectors, multi = masks.multi_task_vector(pretrained, finetuned, "task_arithmetic")
+    n = len(vectors)
+    ties = _histogram(list(ties_counts(vectors, density).values()), n)
+    multi = {k: torch.stack([v[k] for v in vectors]).sum(0) for k in vectors[0]}
     tall = _histogram(list(masks.mask_counts(vectors, multi, tall_lambda).values()), n)
     rows = [(f"TIES (density {density:g})", i, float(ties[i])) for i in range(n + 1)]
     rows += [(f"TALL (λ {tall_lambda:g})", i, float(tall[i])) for i in range(n + 1)]
@@ -191,13 +215,12 @@ def compute_geometry(suite: Suite, merges: Sequence[str] = DEFAULT_MERGES, densi
     cos = pd.DataFrame(cosine_matrix(vectors), index=tasks, columns=tasks)
     rows = [(b, a, c, float(m[i, j])) for b, m in block_cosines(vectors).items() for i, a in enumerate(tasks) for j, c in enumerate(tasks)]
     blocks = pd.DataFrame(rows, columns=["block", "task_a", "task_b", "cosine"])
-    finetuned = [suite.finetuned[t] for t in tasks]
     updates: dict[str, Mapping[str, torch.Tensor]] = dict(zip(tasks, vectors, strict=True))
     updates.update(merged_updates(suite, merges))
     keys = [k for k, v in suite.pretrained.items() if is_matrix(k, v) and v.shape[0] > 1 and v.shape[1] > 1]
     spectrum = spectra(updates, keys, progress)
     return Geometry(tasks, cos, blocks, layer_norms(vectors, tasks), sign_conflicts(vectors),
-                    tasks_per_weight(suite.pretrained, finetuned, density, tall_lambda), spectrum, effective_ranks(spectrum))
+                    tasks_per_weight(vectors, density, tall_lambda), spectrum, effective_ranks(spectrum))
 
 
 def _source_digest() -> str:

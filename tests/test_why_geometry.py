@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from merging import task_vectors as tv
 from merging.geometry import (
     block_cosines,
     block_of,
@@ -13,6 +14,7 @@ from merging.geometry import (
     spectra,
     suite_geometry,
     tasks_per_weight,
+    ties_counts,
 )
 
 
@@ -51,13 +53,21 @@ def test_effective_rank_and_spectra():
 
 
 def test_tasks_per_weight_counts_disjoint_vectors_once():
-    pretrained = {"w": torch.zeros(6)}
-    finetuned = [{"w": torch.tensor([1.0, 0, 0, 0, 0, 0])}, {"w": torch.tensor([0, 1.0, 0, 0, 0, 0])}]
-    table = tasks_per_weight(pretrained, finetuned, density=1.0, tall_lambda=0.4)
+    vectors = [{"w": torch.tensor([1.0, 0, 0, 0, 0, 0])}, {"w": torch.tensor([0, 1.0, 0, 0, 0, 0])}]
+    table = tasks_per_weight(vectors, density=1.0, tall_lambda=0.4)
     ties = table[table["rule"].str.startswith("TIES")].set_index("tasks")["fraction"]
     tall = table[table["rule"].str.startswith("TALL")].set_index("tasks")["fraction"]
     assert ties.tolist() == pytest.approx([4 / 6, 2 / 6, 0.0])
     assert tall.tolist() == pytest.approx([4 / 6, 2 / 6, 0.0])  # each task's entry is selfish: kept by its own mask only
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_ties_counts_equal_the_ties_vectors(tiny_suite, density):
+    finetuned = [tiny_suite.finetuned[t] for t in tiny_suite.tasks]
+    kept = tv.ties_vectors(tiny_suite.pretrained, finetuned, density)
+    counts = ties_counts(tiny_suite.task_vectors(), density)
+    for k, c in counts.items():
+        assert torch.equal(c, sum((v[k] != 0).long() for v in kept)), k
 
 
 def test_suite_geometry_is_cached(tiny_suite, tmp_path):
