@@ -75,6 +75,10 @@ class MergedEncoder(nn.Module):
     def block_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return encoder_block_features(self.encoder, images, self.merged_params())
 
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """Once the coefficients are fixed the merge is one plain model: that is what a deployment stores."""
+        return list(self.merged_params().values())
+
     @torch.no_grad()
     def merged_state_dict(self) -> StateDict:
         """The merged weights as a plain state dict (for export or a static copy)."""

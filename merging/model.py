@@ -137,6 +137,10 @@ class MultiTaskModel(nn.Module):
     def trainable_state(self) -> StateDict:
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
 
+    def held_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors the model holds outside its parameters and buffers (per-task states), by name."""
+        return {}
+
     def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
         params = dict(self.named_parameters())
         missing = [k for k in state if k not in params]
@@ -233,3 +237,65 @@ class PerTaskModel(MultiTaskModel):
     def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
         self.check_task(task)
         return encoder_block_features(self.encoder, images, self.state_for(task, images.device))
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """The T encoder states and the heads; the module's own weights only give the architecture."""
+        return [*self.heads.parameters(), *(v for s in self.states.values() for v in s.values())]
+
+    def held_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{t}/{k}": v for t, s in self.states.items() for k, v in s.items()}
+
+
+class MaskedTaskModel(MultiTaskModel):
+    """Storage-lane models that need the task id: θ_t = θ₀ + s_t·(m_t ⊙ v) (algorithms_frontier.md §6, §7).
+
+    One shared float vector ``v`` (TALL masks: τ_MTL; EMR: the unified task vector τ_uni), one boolean mask
+    ``m_t`` per task and one scalar ``s_t`` per task (TALL: 1; EMR: the rescaler λ_t). Task t's weights are
+    built when the task is asked for and kept until another task is (so T tasks cost one extra encoder in
+    memory, not T). ``stored_tensors`` is what a deployment keeps: θ₀, v, T bit masks, T scalars.
+    """
+
+    def __init__(self, encoder: nn.Module, pretrained: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tensor],
+                 masks: Mapping[str, Mapping[str, torch.Tensor]], scales: Mapping[str, float], heads: nn.ModuleDict):
+        super().__init__(list(masks), heads)
+        self.encoder = encoder.requires_grad_(False)
+        self.pretrained = dict(pretrained)
+        self.vector = dict(vector)
+        self.masks = {t: {k: m.bool() for k, m in ms.items()} for t, ms in masks.items()}
+        self.scales = {t: float(scales[t]) for t in masks}
+        self._resident: tuple[str, torch.device, StateDict] | None = None
+
+    def _apply(self, fn, recurse=True):  # the shared vector, θ₀ and masks follow the module to its device
+        super()._apply(fn, recurse)
+        self._resident = None
+        self.pretrained = {k: fn(v) for k, v in self.pretrained.items()}
+        self.vector = {k: fn(v) for k, v in self.vector.items()}
+        self.masks = {t: {k: fn(m) for k, m in ms.items()} for t, ms in self.masks.items()}
+        return self
+
+    def task_state(self, task: str) -> StateDict:
+        """θ₀ + s_t·(m_t ⊙ v) for every tensor of the encoder (tensors without a vector entry stay θ₀)."""
+        masks, scale = self.masks[task], self.scales[task]
+        return {k: (p + scale * (masks[k] * self.vector[k]) if k in self.vector else p) for k, p in self.pretrained.items()}
+
+    def state_for(self, task: str, device: torch.device) -> StateDict:
+        if self._resident is None or self._resident[:2] != (task, device):
+            self._resident = None
+            self._resident = (task, device, {k: v.to(device) for k, v in self.task_state(task).items()})
+        return self._resident[2]
+
+    def encode(self, images: torch.Tensor, task: str) -> torch.Tensor:
+        self.check_task(task)
+        return functional_call(self.encoder, self.state_for(task, images.device), (images,))
+
+    def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
+        self.check_task(task)
+        return encoder_block_features(self.encoder, images, self.state_for(task, images.device))
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        scalars = torch.tensor([self.scales[t] for t in self.tasks])
+        masks = [m for ms in self.masks.values() for m in ms.values()]
+        return [*self.heads.parameters(), *self.pretrained.values(), *self.vector.values(), *masks, scalars]
+
+    def held_tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"pretrained/{k}": v for k, v in self.pretrained.items()}, **{f"vector/{k}": v for k, v in self.vector.items()}}

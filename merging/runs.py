@@ -26,10 +26,11 @@ from merging.io import exclusive, load_json, load_state_dict, read_cached, remov
 from merging.methods import BuildContext, MergeMethod, RunContext, RunInput, get_method, make_params, params_dict
 from merging.model import MultiTaskModel
 from merging.progress import ProgressFn, scaled
+from merging.storage import storage_report
 from merging.suites import Suite, get_suite
 
 CODE_VERSION = "1"
-_SHARED_SOURCES = ("model.py", "task_vectors.py", "evaluation.py", "methods/base.py", "svd.py", "masks.py", "modifiers.py")
+_SHARED_SOURCES = ("model.py", "task_vectors.py", "evaluation.py", "methods/base.py", "svd.py", "masks.py", "modifiers.py", "storage.py")
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,7 @@ def read_result(folder: Path) -> dict | None:
 
 def check_finite_model(model: MultiTaskModel, config: RunConfig) -> None:
     """Refuse a model with NaN or Inf weights before it is evaluated or cached (e.g. a huge scaling coefficient λ)."""
-    extra = getattr(model, "states", None) or {}
-    tensors = [*model.state_dict().items(), *((f"{t}/{k}", v) for t, s in extra.items() for k, v in s.items())]
+    tensors = [*model.state_dict().items(), *model.held_tensors().items()]
     for name, value in tensors:
         if value.is_floating_point() and not torch.isfinite(value).all():
             given = ", ".join(f"{k}={v}" for k, v in config.params.items()) or "the defaults"
@@ -142,10 +142,20 @@ def check_finite_model(model: MultiTaskModel, config: RunConfig) -> None:
 def count_parameters(model: MultiTaskModel) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
-    extra = getattr(model, "states", None)
-    if extra:
-        total += sum(v.numel() for s in extra.values() for v in s.values())
+    total += sum(v.numel() for v in model.held_tensors().values())
     return {"trainable": trainable, "total": total}
+
+
+def data_used(method: MergeMethod, params: Any, suite: Suite) -> dict[str, Any]:
+    """Which images a method learned from, without labels: ``{"split", "images"}`` (``split`` None for a data-free
+    method). Test-time adaptation reads every task's unlabeled test images unless the method says otherwise
+    with its own ``data_used(params, suite)`` (FeatCal: a few train images per task)."""
+    own = getattr(method, "data_used", None)
+    if callable(own):
+        return own(params, suite)
+    if not method.data_dependent:
+        return {"split": None, "images": 0}
+    return {"split": "test", "images": sum(len(suite.data[t].test_images) for t in suite.tasks)}
 
 
 def input_model(spec: RunInput, config: RunConfig, suite: Suite, cache_dir: str | Path, device: str, progress: ProgressFn | None = None) -> MultiTaskModel:
@@ -238,6 +248,8 @@ def _compute(config: RunConfig, suite: Suite, method: MergeMethod, params: Any, 
         "loss": {t: s["loss"] for t, s in scores.items()},
         "average": sum(accuracy.values()) / len(accuracy),
         "parameters": count_parameters(model),
+        "storage": storage_report(model, target.pretrained, target.heads),
+        "data": data_used(method, params, target),
         "seconds": {"adapt": t_adapt, "evaluate": t_eval},
         "info": info,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -25,11 +25,14 @@ from merging.methods.base import (
 )
 from merging.methods.cart import Cart
 from merging.methods.consensus import Consensus
+from merging.methods.emr import EMR
+from merging.methods.featcal import FeatCal
 from merging.methods.individual import Individual
 from merging.methods.iso_c import IsoC
 from merging.methods.iso_cts import IsoCts
 from merging.methods.pretrained import Pretrained
 from merging.methods.surgery import Surgery
+from merging.methods.tall_masks import TallMasks
 from merging.methods.task_arithmetic import TaskArithmetic
 from merging.methods.ties import Ties
 from merging.methods.tinting import Tinting
@@ -52,10 +55,13 @@ METHODS: dict[str, MergeMethod] = {
         Cart(),
         Wudi(),
         Consensus(),
+        TallMasks(),
+        EMR(),
         AdaMerging(),
         Surgery(),
         WEMoE(),
         Tinting(),
+        FeatCal(),
     ]
 }
 
@@ -63,15 +69,20 @@ BASELINES = ["pretrained", "individual", "weight_averaging", "task_arithmetic", 
 
 
 REFERENCES = ("pretrained", "individual")
-GROUPS = ("reference", "data-free, one model", "data-dependent")
+STORAGE_LANE = ("tall_masks", "emr")
+GROUPS = ("reference", "data-free, one model", "storage lane (task id)", "data-dependent")
 """How the pages group methods: the two reference rows; merges that need only the weights and give one plain
-model; methods that also use unlabeled test images (and may add modules)."""
+model; methods that keep a small part per task and need the task id at inference (compression more than
+merging: compare them on accuracy against megabytes stored, never silently with single merged models);
+methods that also learn from unlabeled images (and may add modules)."""
 
 
 def method_group(name: str) -> str:
     """``name``'s group in ``GROUPS``."""
     if name in REFERENCES:
         return "reference"
+    if name in STORAGE_LANE:
+        return "storage lane (task id)"
     return "data-dependent" if get_method(name).data_dependent else "data-free, one model"
 
 
@@ -103,6 +114,6 @@ def specs(method: MergeMethod) -> list[HyperparameterSpec]:
 
 
 __all__ = [
-    "BASELINES", "GROUPS", "METHODS", "REFERENCES", "BuildContext", "HyperparameterSpec", "MergeMethod", "RunContext", "RunInput", "StaticMergeMethod",
+    "BASELINES", "GROUPS", "METHODS", "REFERENCES", "STORAGE_LANE", "BuildContext", "HyperparameterSpec", "MergeMethod", "RunContext", "RunInput", "StaticMergeMethod",
     "get_method", "list_methods", "make_params", "method_group", "params_dict", "specs",
 ]  # fmt: skip
