@@ -118,8 +118,12 @@ def cmd_lambda_plane(args: argparse.Namespace) -> int:
 def cmd_trajectory(args: argparse.Namespace) -> int:
     from merging import trajectory as T
     from merging import why_figures as F
+    from merging.methods import METHODS, get_method
     from merging.runs import RunConfig, run
 
+    if not get_method(args.method).data_dependent:
+        adaptive = ", ".join(m for m, method in METHODS.items() if method.data_dependent)
+        raise ConfigError(f"--method {args.method!r} is not trained on data, so it records no trajectory; use one of: {adaptive}")
     suite = _suite(args)
     overrides = {"analysis_test_accuracy": True} if args.analysis else {}
     result = run(RunConfig(args.suite, args.method, overrides, args.preset), suite, args.cache_dir, args.device, line_progress())
