@@ -29,34 +29,38 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def start_view(args: list[str], target: Path) -> None:
+def start_view(args: list[str], target: Path) -> Path:
     """Start ``python -m merging why ARGS`` in the background unless ``target`` exists or the same command already runs
-    (any session): a pid file per command under ``cache/why/``."""
-    if target.is_file():
-        return
-    command = [sys.executable, "-m", "merging", "why", *args, "--cache-dir", str(ui.CACHE_DIR), "--out", str(ui.CACHE_DIR / "why" / "out")]
+    (any session: a pid file per command under ``cache/why/``); returns the command's log file."""
     marker = ui.CACHE_DIR / "why" / f".running-{hashlib.sha256(' '.join(args).encode()).hexdigest()[:12]}"
-    if marker.is_file() and marker.read_text().strip().isdigit() and _alive(int(marker.read_text())):
-        return
+    log = marker.with_suffix(".log")
+    if target.is_file():
+        return log
+    pid = marker.read_text().strip() if marker.is_file() else ""
+    if pid.isdigit() and _alive(int(pid)):
+        return log
     marker.parent.mkdir(parents=True, exist_ok=True)
-    log = open(marker.with_suffix(".log"), "w")
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    command = [sys.executable, "-m", "merging", "why", *args, "--cache-dir", str(ui.CACHE_DIR), "--out", str(ui.CACHE_DIR / "why" / "out")]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     marker.write_text(str(proc.pid))
+    return log
 
 
-def wait_for(target: Path, label: str) -> None:
-    """A progress line that polls until the background command has written ``target``, then reruns the page; shows the
-    command's last log line, and its error if it stopped without writing ``target``."""
-    logs = sorted((ui.CACHE_DIR / "why").glob(".running-*.log"), key=lambda p: p.stat().st_mtime)
+def wait_for(target: Path, log: Path, label: str) -> None:
+    """A line that polls until the background command has written ``target``, then reruns the page; it shows the
+    command's last log line, and its error if it stopped with one."""
 
     @st.fragment(run_every=ui.POLL_SECONDS)
     def panel() -> None:
         if target.is_file():
             st.rerun(scope="app")
-        tail = logs[-1].read_text(errors="replace").strip().splitlines()[-1:] if logs else []
-        st.info(f"{label}: computing in the background… {tail[0][:160] if tail else ''}")
-        if tail and tail[0].startswith("error:"):
-            st.error(tail[0])
+        lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+        last = lines[-1] if lines else ""
+        if last.startswith("error:"):
+            st.error(f"{label} failed: {last[len('error:'):].strip()}")
+        else:
+            st.info(f"{label}: computing in the background… {last[:160]}")
 
     panel()
 
@@ -65,8 +69,7 @@ def geometry(name: str):
     suite = ui.load_suite(name)
     target = geometry_path(suite, DEFAULT_MERGES, 0.2, 0.4, ui.CACHE_DIR)
     if not target.is_file():
-        start_view(["geometry", "--suite", name], target)
-        wait_for(target, "Task-vector geometry")
+        wait_for(target, start_view(["geometry", "--suite", name], target), "Task-vector geometry")
         st.stop()
     return _geometry(name, ui.suite_fingerprint(name))
 
@@ -80,8 +83,8 @@ def plane(name: str, task_i: str, task_j: str):
     suite = ui.load_suite(name)
     target = lambda_plane_path(suite, task_i, task_j, lambda_grid(), N, 0, ui.CACHE_DIR)
     if not target.is_file():
-        start_view(["lambda-plane", "--suite", name, "--tasks", f"{task_i},{task_j}"], target)
-        wait_for(target, f"The λ plane of {task_i} and {task_j} (121 merges, {N} images per task)")
+        log = start_view(["lambda-plane", "--suite", name, "--tasks", f"{task_i},{task_j}"], target)
+        wait_for(target, log, f"The λ plane of {task_i} and {task_j} (121 merges, {N} images per task)")
         st.stop()
     return lambda_plane(suite, task_i, task_j, cache_dir=ui.CACHE_DIR)
 
@@ -90,7 +93,6 @@ def pairs(name: str):
     suite = ui.load_suite(name)
     target = pair_table_path(suite, N, cache_dir=ui.CACHE_DIR)
     if not target.is_file():
-        start_view(["pairs", "--suite", name], target)
-        wait_for(target, "Every pair's task-arithmetic merge and metrics")
+        wait_for(target, start_view(["pairs", "--suite", name], target), "Every pair's task-arithmetic merge and metrics")
         st.stop()
     return pair_table(suite, N, cache_dir=ui.CACHE_DIR)
