@@ -8,7 +8,7 @@
   and TALL masks (Wang et al., ICML 2024, https://arxiv.org/abs/2405.07813; ``merging.masks``).
 - Per matrix, the singular values of each task's update and of merged updates (task arithmetic and the SVD merges,
   TSV-M https://arxiv.org/abs/2412.00081, Iso-C https://arxiv.org/abs/2502.04959), with the effective rank
-  exp(H(σ/Σσ)) of Roy and Vetterli (2007). Singular values only (``svdvals``), one batched call per tensor.
+  exp(H(σ/Σσ)) of Roy and Vetterli (2007). Singular values only (``singular_values``), one batched call per tensor.
 
 Every function is pure (tensors in, tables out); ``suite_geometry`` caches the whole view by suite fingerprint.
 """
@@ -147,14 +147,23 @@ def effective_rank(singular_values: torch.Tensor | np.ndarray) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def singular_values(matrices: torch.Tensor) -> torch.Tensor:
+    """Singular values of [..., m, n] in descending order, as the square roots of the eigenvalues of the smaller Gram
+    matrix in float64: 2.5x faster than ``svdvals`` on ViT-B/32's [10, 3072, 768] MLP updates (1.7 s vs 4.3 s on 2 cores)
+    and within 3e-6 of σ_max of it; a σ below about 1e-8 σ_max reads as noise."""
+    a = matrices.double()
+    gram = a.mT @ a if a.shape[-2] >= a.shape[-1] else a @ a.mT
+    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
+
+
 def spectra(updates: Mapping[str, Mapping[str, torch.Tensor]], keys: Sequence[str], progress: ProgressFn | None = None) -> pd.DataFrame:
     """``key, block, model, index, sigma``: the singular values of every model's update [m, n] of each matrix ``key``;
-    one batched ``svdvals`` per key over all models ({model: {key: update}}, e.g. each task's τ_t and merged − θ₀)."""
+    one batched call per key over all models ({model: {key: update}}, e.g. each task's τ_t and merged − θ₀)."""
     names = list(updates)
     frames = []
     for k in track(keys, desc="spectra", progress=progress):
-        stacked = torch.stack([updates[m][k].float() for m in names])
-        s = torch.linalg.svdvals(stacked).double().numpy()
+        stacked = torch.stack([updates[m][k] for m in names])
+        s = singular_values(stacked).numpy()
         r = s.shape[1]
         frames.append(pd.DataFrame({"key": k, "block": block_of(k), "model": np.repeat(names, r), "index": np.tile(np.arange(r), len(names)),
                                     "sigma": s.reshape(-1)}))

@@ -11,6 +11,7 @@ from merging.geometry import (
     cosine_matrix,
     effective_rank,
     sign_conflicts,
+    singular_values,
     spectra,
     suite_geometry,
     tasks_per_weight,
@@ -50,6 +51,8 @@ def test_effective_rank_and_spectra():
     rank1 = table[table["model"] == "rank1"]["sigma"].to_numpy()
     assert rank1[0] == pytest.approx(float(u.norm() * v.norm()), rel=1e-5) and np.all(rank1[1:] < 1e-5)
     assert table[table["model"] == "eye"]["sigma"].tolist() == pytest.approx([1.0, 1.0, 1.0])
+    wide = torch.randn(4, 7, 30)
+    assert singular_values(wide).float() == pytest.approx(torch.linalg.svdvals(wide), rel=1e-4)
 
 
 def test_tasks_per_weight_counts_disjoint_vectors_once():
