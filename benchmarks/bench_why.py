@@ -7,7 +7,7 @@
   parts, coefficients; the analysis option off) and without it (``optimize`` called without a trajectory), alternated;
 - the 28 pairwise task-arithmetic merges and metrics of view 5, cold in an empty cache, then the revisit.
 
-    .venv/bin/python benchmarks/bench_why.py [--skip-vit] [--only geometry,plane,trajectory,pairs]
+    .venv/bin/python benchmarks/bench_why.py [--skip-vit] [--skip-tsv-m] [--only geometry,plane,trajectory,pairs]
     .venv/bin/python benchmarks/bench_why.py --screenshots docs/screenshots   # the page on mini8 in Chromium
 """
 
@@ -43,7 +43,7 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
-def bench_geometry(suite, skip_vit: bool) -> None:
+def bench_geometry(suite, skip_vit: bool, skip_tsv_m: bool = False) -> None:
     from merging.geometry import compute_geometry, merged_updates
 
     s, _ = timed(lambda: compute_geometry(suite))
@@ -60,6 +60,8 @@ def bench_geometry(suite, skip_vit: bool) -> None:
                 {t: {"weight": torch.randn(2, 512)} for t in finetuned}, {t: TaskData(t, ["a", "b"], images, torch.tensor([0, 1])) for t in finetuned})
     s, _ = timed(lambda: compute_geometry(big, merges=("task_arithmetic", "iso_c")))
     print(f"| geometry of a ViT-B/32-sized suite (8 tasks, 87.8M params), TA + Iso-C spectra | {s:.1f} s | ≤ 120 s | load {load()} |", flush=True)
+    if skip_tsv_m:
+        return
     s, _ = timed(lambda: merged_updates(big, ["tsv_m"]))
     print(f"| ... adding TSV-M's spectra: its merge alone | {s:.1f} s | | load {load()} |", flush=True)
 
@@ -145,6 +147,7 @@ def screenshots(out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-vit", action="store_true")
+    parser.add_argument("--skip-tsv-m", action="store_true", help="do not time TSV-M's merge on the ViT-B/32-sized suite (about 2 min)")
     parser.add_argument("--only", default="geometry,plane,trajectory,pairs")
     parser.add_argument("--methods", default="adamerging,tinting,surgery,wemoe", help="methods of the trajectory-overhead measurement")
     parser.add_argument("--screenshots", type=Path, default=None, help="only take the page's screenshots into this folder")
@@ -158,7 +161,7 @@ def main() -> None:
     print("| what | measured | target | load (1/5/15 min) |\n|---|---:|---:|---|")
     suite = get_suite("mini8", cache_dir=ROOT / "cache")
     if "geometry" in only:
-        bench_geometry(suite, args.skip_vit)
+        bench_geometry(suite, args.skip_vit, args.skip_tsv_m)
     if "plane" in only:
         bench_plane(suite)
     if "trajectory" in only:
