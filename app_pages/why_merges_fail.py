@@ -66,7 +66,7 @@ if tabs["Trajectories"].open:
 if tabs["Geometry"].open:
     with tabs["Geometry"]:
         g = ui_why.geometry(name)
-        blocks = list(dict.fromkeys(g.block_cosine["block"]))
+        blocks = F.block_order(g.block_cosine["block"])
         c1, c2 = st.columns(2)
         c1.plotly_chart(F.cosine_heatmap(g.cosine, "Cosine of the task vectors, whole model"), width="stretch")
         block = c2.select_slider("Block", blocks, key="why-geo-block")
@@ -111,8 +111,8 @@ if tabs["Layer by layer"].open:
             st.stop()
         profile, matrices = layer_view(ui.load_suite(name), base, task, ui_why.N, preset, cache_dir=ui.CACHE_DIR, device=device)
         c1, c2 = st.columns(2)
-        c1.plotly_chart(F.profile_figure(profile, "cka", "Linear CKA with the individual model (band: 25-75 % of bootstrap resamples)"), width="stretch")
-        c2.plotly_chart(F.profile_figure(profile, "cosine", "Cosine with the individual model (band: 25-75 % of the samples)"), width="stretch")
+        c1.plotly_chart(F.profile_figure(profile, "cka", "CKA with the individual model (band: 25-75 % of resamples)"), width="stretch")
+        c2.plotly_chart(F.profile_figure(profile, "cosine", "Cosine with the individual model (band: 25-75 % of samples)"), width="stretch")
         which = st.radio("Layer x layer CKA of", list(matrices), index=1, horizontal=True, key="why-layer-matrix")
         st.plotly_chart(F.cka_matrix_heatmap(matrices[which], f"{which} (rows) x individual (columns), {task}"), width="stretch")
         ui.download_csv(profile, f"{name}_{base}_{task}_layers.csv")

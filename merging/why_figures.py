@@ -26,6 +26,12 @@ def write_html(figures: Sequence[go.Figure], path: str | Path, title: str) -> Pa
 
 
 # view 1: geometry
+def block_order(blocks) -> list[str]:
+    """``embedding``, ``block0``, ``block1``, ..., ``output``: the order of the forward pass."""
+    rank = {"embedding": -1, "output": 10**6}
+    return sorted(dict.fromkeys(blocks), key=lambda b: rank.get(b, int(b[len("block"):]) if b[len("block"):].isdigit() else 10**5))
+
+
 def cosine_heatmap(matrix: pd.DataFrame, title: str) -> go.Figure:
     return px.imshow(matrix, text_auto=".2f", zmin=-1, zmax=1, color_continuous_scale="RdBu_r", aspect="auto", title=title,
                      labels={"x": "task vector", "y": "task vector", "color": "cosine"})
@@ -40,18 +46,20 @@ def block_cosine_heatmap(geometry: Geometry, block: str) -> go.Figure:
 def norms_figure(geometry: Geometry) -> go.Figure:
     per_block = geometry.norms.assign(sq=geometry.norms["norm"] ** 2).groupby(["block", "task"], sort=False)["sq"].sum().pow(0.5).reset_index()
     return px.line(per_block, x="block", y="sq", color="task", markers=True, title="‖τ‖ per block (Frobenius norm over the block's tensors)",
-                   labels={"sq": "‖τ‖", "block": ""})
+                   labels={"sq": "‖τ‖", "block": ""}, category_orders={"block": block_order(per_block["block"])})
 
 
 def conflicts_figure(geometry: Geometry) -> go.Figure:
-    c = geometry.conflicts.assign(tensor=geometry.conflicts["key"].str.replace("transformer.resblocks.", "", regex=False))
+    order = {b: i for i, b in enumerate(block_order(geometry.conflicts["block"]))}
+    c = geometry.conflicts.assign(tensor=geometry.conflicts["key"].str.replace("transformer.resblocks.", "", regex=False),
+                                  order=geometry.conflicts["block"].map(order)).sort_values("order", kind="stable")
     return px.bar(c, x="tensor", y="conflict", color="block", title="Fraction of entries where the task vectors disagree in sign, per tensor",
                   labels={"conflict": "sign-conflict fraction", "tensor": ""})
 
 
 def tasks_per_weight_figure(geometry: Geometry) -> go.Figure:
     return px.bar(geometry.tasks_per_weight, x="tasks", y="fraction", color="rule", barmode="group",
-                  title="How many tasks keep each weight after masking (0: no task; 1: one task only)",
+                  title="Tasks keeping each weight after TIES / TALL masking",
                   labels={"tasks": "tasks keeping the weight", "fraction": "fraction of all weights"})
 
 
