@@ -21,14 +21,17 @@ ROLE_COLOURS = {"individual": ui.MODEL_COLOURS["individual"], "pretrained": "#9c
 
 def sizes(presenter: bool) -> dict:
     """Font size, marker size and figure height: the presenter's fit one figure on a 1280x720 screen."""
-    return {"font": 19, "marker": 10, "height": 430, "title": 22} if presenter else {"font": 13, "marker": 6, "height": 470, "title": 16}
+    return {"font": 18, "marker": 10, "height": 440, "title": 21} if presenter else {"font": 13, "marker": 6, "height": 470, "title": 16}
 
 
 def styled(fig: go.Figure, title: str, presenter: bool, height: int | None = None) -> go.Figure:
     s = sizes(presenter)
     fig.update_layout(title=dict(text=title, font=dict(size=s["title"])), font=dict(size=s["font"]), height=height or s["height"],
                       margin=dict(t=70 if presenter else 60, b=10, l=10, r=10), legend_title=None, template="plotly_white")
-    fig.update_annotations(font_size=s["font"])
+    fig.update_annotations(font_size=s["font"])  # subplot titles
+    fig.update_xaxes(tickfont_size=s["font"] - 2, title_font_size=s["font"])  # set explicitly: Streamlit's chart theme shrinks them
+    fig.update_yaxes(tickfont_size=s["font"] - 2, title_font_size=s["font"])
+    fig.update_layout(legend_font_size=s["font"] - 1, hoverlabel_font_size=s["font"])
     return fig
 
 
@@ -83,7 +86,7 @@ def whatif_figure(engine: WhatIf, point: WhatIfPoint, task: str, title: str, pre
     fig.update_xaxes(showticklabels=False, row=1, col=2)
     fig.update_yaxes(showticklabels=False, row=1, col=2)
     fig.update_layout(legend=dict(orientation="h", y=-0.15), uirevision="whatif")
-    return styled(fig, title, presenter)
+    return styled(fig, title, presenter, height=400 if presenter else None)
 
 
 def cost_figure(table: pd.DataFrame, merged: str, individual: str, presenter: bool) -> go.Figure:

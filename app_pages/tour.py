@@ -12,10 +12,10 @@ from merging.methods import METHODS, get_method, method_group
 from merging.runs import RunConfig
 from merging.whatif import PROJECTION_LABEL, full_test_result, task_vector_sizes
 
-STEPS = {1: "A task vector", 2: "Merging", 3: "The cost", 4: "Why: representation bias", 5: "Surgery pulls back", 6: "Other fixes",
-         7: "Where methods fail"}
-BIAS_N, BIAS_PROJECTION = 300, "umap"
-"""Steps 4-5 read the Representation-bias page's view (same runs, samples and projection), so each page fills the other's cache."""
+STEPS = {1: "A task vector", 2: "Merging", 3: "The cost", 4: "Why: bias", 5: "Surgery", 6: "Other fixes", 7: "Where methods fail"}
+TITLES = {**STEPS, 2: "Merging, live", 3: "The cost of one model for all tasks", 4: "Why: representation bias", 5: "Surgery pulls the features back",
+          6: "Other fixes, side by side"}
+BIAS_N, BIAS_PROJECTION = 300, "umap"  # steps 4-5 read the Representation-bias page's runs and features (each page fills the other's cache)
 
 ui.restore_from_url("tour-")
 if st.session_state.get("tour-step") not in STEPS:
@@ -43,7 +43,8 @@ def prepared(configs: dict[str, RunConfig], key: str, what: str, features: Featu
     missing = [m for m, r in results.items() if r is None]
     if not missing and ready is not False:
         return results
-    job = RunsJob(name, tuple(configs[m] for m in (missing or list(configs))), device, features)
+    wanted = list(configs) if features is not None or not missing else missing  # features: every run's, the cached ones' too
+    job = RunsJob(name, tuple(configs[m] for m in wanted), device, features)
     titles = ", ".join(METHODS[configs[m].method].title for m in missing) or "their features"
     st.info(f"This step's figure needs {what} that this suite's cache does not hold yet: {titles}. They run in the background "
             "(minutes on a CPU); the step fills in when they are done.")
@@ -55,15 +56,18 @@ def prepared(configs: dict[str, RunConfig], key: str, what: str, features: Featu
 
 # -- header: Back, the step indicator, Next, the presenter toggle --------------------------------------------------------------
 step = st.session_state["tour-step"]
+top = st.columns([5, 2], vertical_alignment="bottom")
 if not presenter:
-    st.title("Tour: why merged models lose accuracy, and what fixes it")
-nav = st.columns([1, 9, 1, 2], vertical_alignment="center")
+    top[0].title("Tour: why merged models lose accuracy, and what fixes it")
+top[1].toggle("Presenter view", key="tour-presenter", help="Hide the sidebar, enlarge text and markers, one figure per screen (1280x720)")
+nav = st.columns([1.4, 10, 1.4], vertical_alignment="center")
 nav[0].button("← Back", key="tourbtn-back", on_click=go, args=(-1,), disabled=step == 1, width="stretch")
 nav[1].radio("Step", list(STEPS), format_func=lambda i: f"{i} {STEPS[i]}", horizontal=True, key="tour-step", label_visibility="collapsed")
 nav[2].button("Next →", key="tourbtn-next", on_click=go, args=(1,), disabled=step == len(STEPS), type="primary", width="stretch")
-nav[3].toggle("Presenter view", key="tour-presenter", help="Hide the sidebar, enlarge text and markers, one figure per screen (1280x720)")
 ui.save_to_url("tour-")
-st.subheader(f"Step {step} of {len(STEPS)} · {STEPS[step]}")
+head = st.columns([3, 2], vertical_alignment="bottom") if step in (1, 2, 4, 5) else [st.container()]
+head[0].subheader(f"Step {step} of {len(STEPS)} · {TITLES[step]}")
+task_slot = head[-1] if len(head) > 1 else None
 
 engine = ui_tour.whatif_engine(name)
 refs = ui.cached_results(suite, {m: RunConfig(name, m) for m in ("pretrained", "individual", "task_arithmetic")}, device)
@@ -72,8 +76,10 @@ if st.session_state.get("tour-task") not in engine.tasks:
     st.session_state["tour-task"] = worst
 
 
-def task_picker(label: str = "Task") -> str:
-    return st.selectbox(label, engine.tasks, key="tour-task", help=f"Default: {worst}, the task the merge at λ = 0.3 hurts most on the subsample")
+def task_picker() -> str:
+    """The task of steps 1, 2, 4 and 5, beside the step's title (so the figure keeps the screen in the presenter view)."""
+    return task_slot.selectbox("Task", engine.tasks, key="tour-task", label_visibility="collapsed",
+                               help=f"Default: {worst}, the task the merge at λ = 0.3 hurts most on the subsample")
 
 
 if step == 1:
@@ -96,20 +102,21 @@ elif step == 2:
                 f"against the individual model's (blue) and the pretrained one's (grey), which stay put. {paper('ties')} (Yadav et al., "
                 "NeurIPS 2023) first keeps each vector's largest entries (the density) and only those that agree in sign.")
 
+    task = task_picker()
+
     @st.fragment
     def whatif() -> None:
-        c1, c2, c3, c4 = st.columns([2, 3, 3, 2])
+        c1, c2, c3 = st.columns([2, 3, 3])
         method = c1.radio("Merge", ["task_arithmetic", "ties"], format_func=lambda m: METHODS[m].title, key="tour-method", horizontal=True)
         scaling = c2.slider("Scaling coefficient λ", 0.0, 1.5, step=0.05, key="tour-lambda", **ui.initial("tour-lambda", value=0.3))
         density = c3.slider("TIES density", 0.05, 1.0, step=0.05, key="tour-density", disabled=method != "ties",
                             **ui.initial("tour-density", value=0.2))
-        with c4:
-            task = task_picker("Task shown")
         point = engine.score(method, scaling, density)
         knob = f"λ = {scaling:.2f}" + (f", density {density:.2f}" if method == "ties" else "")
-        title = f"{METHODS[method].title}, {knob}: average {point.average:.1f} % on the subsample"
-        st.plotly_chart(ui_tour.whatif_figure(engine, point, task, title, presenter), width="stretch", key="tour-fig-2")
         full = full_test_result(suite, name, method, scaling, density if method == "ties" else None, ui.CACHE_DIR, device)
+        title = (f"{METHODS[method].title}, {knob}: average {point.average:.1f} % on the subsample"
+                 + (f" · {full['average']:.1f} % on the full test set (cached run)" if full else ""))
+        st.plotly_chart(ui_tour.whatif_figure(engine, point, task, title, presenter), width="stretch", key="tour-fig-2")
         landed = (f"**Full test set** (cached run at this setting): average **{full['average']:.1f} %**, {task} {full['accuracy'][task]:.1f} %. "
                   if full else "No cached run at this setting: accuracy on the subsample only. ")
         st.caption(landed + f"Accuracy on {engine.n} stratified test images per task; {PROJECTION_LABEL}; mean L1 bias on {task}: "
