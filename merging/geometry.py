@@ -221,8 +221,9 @@ def compute_geometry(suite: Suite, merges: Sequence[str] = DEFAULT_MERGES, densi
     """Every table of the view, uncached."""
     tasks = suite.tasks
     vectors = suite.task_vectors()
-    cos = pd.DataFrame(cosine_matrix(vectors), index=tasks, columns=tasks)
-    rows = [(b, a, c, float(m[i, j])) for b, m in block_cosines(vectors).items() for i, a in enumerate(tasks) for j, c in enumerate(tasks)]
+    grams = _grams(vectors, None, block_of)
+    cos = pd.DataFrame(_cosines(sum(grams.values())), index=tasks, columns=tasks)
+    rows = [(b, a, c, float(m[i, j])) for b, g in grams.items() for m in [_cosines(g)] for i, a in enumerate(tasks) for j, c in enumerate(tasks)]
     blocks = pd.DataFrame(rows, columns=["block", "task_a", "task_b", "cosine"])
     updates: dict[str, Mapping[str, torch.Tensor]] = dict(zip(tasks, vectors, strict=True))
     updates.update(merged_updates(suite, merges))
