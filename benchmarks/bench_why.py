@@ -131,7 +131,7 @@ def screenshots(out: Path) -> None:
     with serve({"MERGELENS_CACHE": str(ROOT / "cache"), "MERGELENS_DEFAULT_SUITE": "mini8"}, log=Path(tempfile.gettempdir()) / "why-shots.log") as url, \
             sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 2000})
+        page = browser.new_page(viewport={"width": 1500, "height": 2600})
         page.goto(f"{url}/why_merges_fail?{query}")
         for tab, file, charts in (("Trajectories", "why_trajectories", 2), ("Geometry", "why_geometry", 6), ("λ plane", "why_lambda_plane", 3),
                                   ("Layer by layer", "why_layers", 3), ("Metric vs merge", "why_metric_vs_merge", 1)):

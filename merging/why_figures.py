@@ -45,8 +45,10 @@ def block_cosine_heatmap(geometry: Geometry, block: str) -> go.Figure:
 
 def norms_figure(geometry: Geometry) -> go.Figure:
     per_block = geometry.norms.assign(sq=geometry.norms["norm"] ** 2).groupby(["block", "task"], sort=False)["sq"].sum().pow(0.5).reset_index()
+    order = {b: i for i, b in enumerate(block_order(per_block["block"]))}
+    per_block = per_block.sort_values("block", key=lambda b: b.map(order), kind="stable")
     return px.line(per_block, x="block", y="sq", color="task", markers=True, title="‖τ‖ per block (Frobenius norm over the block's tensors)",
-                   labels={"sq": "‖τ‖", "block": ""}, category_orders={"block": block_order(per_block["block"])})
+                   labels={"sq": "‖τ‖", "block": ""})
 
 
 def conflicts_figure(geometry: Geometry) -> go.Figure:
