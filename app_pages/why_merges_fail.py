@@ -85,6 +85,9 @@ if tabs["Geometry"].open:
 
 if tabs["λ plane"].open:
     with tabs["λ plane"]:
+        if len(tasks) < 2:
+            st.info(f"The λ plane needs two tasks; suite {name} has one.")
+            st.stop()
         c1, c2 = st.columns(2)
         task_i = c1.selectbox("Task i", tasks, key="why-plane-i")
         keep("why-plane-j", [t for t in tasks if t != task_i])
