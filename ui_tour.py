@@ -21,7 +21,7 @@ ROLE_COLOURS = {"individual": ui.MODEL_COLOURS["individual"], "pretrained": "#9c
 
 def sizes(presenter: bool) -> dict:
     """Font size, marker size and figure height: the presenter's fit one figure on a 1280x720 screen."""
-    return {"font": 18, "marker": 10, "height": 440, "title": 21} if presenter else {"font": 13, "marker": 6, "height": 470, "title": 16}
+    return {"font": 18, "marker": 10, "height": 430, "title": 21} if presenter else {"font": 13, "marker": 6, "height": 470, "title": 16}
 
 
 def styled(fig: go.Figure, title: str, presenter: bool, height: int | None = None) -> go.Figure:
@@ -86,7 +86,7 @@ def whatif_figure(engine: WhatIf, point: WhatIfPoint, task: str, title: str, pre
     fig.update_xaxes(showticklabels=False, row=1, col=2)
     fig.update_yaxes(showticklabels=False, row=1, col=2)
     fig.update_layout(legend=dict(orientation="h", y=-0.15), uirevision="whatif")
-    return styled(fig, title, presenter, height=400 if presenter else None)
+    return styled(fig, title, presenter, height=380 if presenter else None)
 
 
 def cost_figure(table: pd.DataFrame, merged: str, individual: str, presenter: bool) -> go.Figure:
@@ -140,7 +140,7 @@ def trajectory_figure(curves: dict[str, dict], presenter: bool, title: str) -> g
                                         "average test accuracy (%)"))
     colours = ui.method_colours()
     for name, c in curves.items():
-        colour = colours.get(c["method"], "#6b7280")
+        colour = readable(colours.get(c["method"], "#6b7280"))
         fig.add_scatter(x=c["x"], y=c["objective"], mode="lines+markers", name=c["title"], legendgroup=name, row=1, col=1,
                         line=dict(color=colour, width=3), marker=dict(size=s["marker"]))
         if c.get("accuracy") is not None:
@@ -149,11 +149,23 @@ def trajectory_figure(curves: dict[str, dict], presenter: bool, title: str) -> g
         else:
             fig.add_scatter(x=[1.0], y=[c["final"]], mode="markers+text", name=c["title"], legendgroup=name, showlegend=False, row=2, col=1,
                             marker=dict(size=s["marker"] * 2, color=colour), text=[f"{c['final']:.1f}"], textposition="middle left")
-        if c.get("start") is not None:
-            fig.add_hline(y=c["start"], line=dict(color="#9ca3af", dash="dash"), row=2, col=1)
+    starts = [c["start"] for c in curves.values() if c.get("start") is not None]
+    if starts:
+        fig.add_hline(y=starts[0], line=dict(color="#6b7280", dash="dash"), row=2, col=1, annotation_text="start: task arithmetic, λ = 0.3",
+                      annotation_position="bottom right")
     fig.update_xaxes(title_text="share of the adaptation schedule", tickformat=".0%", row=2, col=1)
-    fig.update_layout(legend=dict(orientation="h", y=-0.18))
+    fig.update_layout(legend=dict(orientation="h", x=0.99, xanchor="right", y=0.99, yanchor="top", bgcolor="rgba(255,255,255,0.8)"))
     return styled(fig, title, presenter, height=(470 if presenter else 560))
+
+
+def readable(colour: str) -> str:
+    """``colour`` darkened until it reads on white (the palette's pastels, e.g. WEMoE's peach, vanish on a projector)."""
+    r, g, b = (int(colour.lstrip("#")[i : i + 2], 16) for i in (0, 2, 4))
+    lum = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    if lum <= 150:
+        return colour
+    k = 150 / lum
+    return "#{:02x}{:02x}{:02x}".format(*(int(v * k) for v in (r, g, b)))
 
 
 def presenter_css() -> None:
@@ -164,7 +176,7 @@ def presenter_css() -> None:
         header[data-testid="stHeader"] {display: none !important;}
         [data-testid="stMainBlockContainer"], .block-container {padding-top: 0.8rem !important; padding-bottom: 0.5rem !important;
             max-width: 100% !important; padding-left: 2rem !important; padding-right: 2rem !important;}
-        [data-testid="stMarkdownContainer"] p, [data-testid="stMarkdownContainer"] li {font-size: 1.3rem; line-height: 1.4;}
+        [data-testid="stMarkdownContainer"] p, [data-testid="stMarkdownContainer"] li {font-size: 1.2rem; line-height: 1.35;}
         [data-testid="stCaptionContainer"] {font-size: 1.05rem;}
         h1 {font-size: 1.9rem !important; padding: 0 !important;}
         [data-testid="stWidgetLabel"] p, [role="radiogroup"] label p, button p {font-size: 1.15rem !important;}
@@ -237,3 +249,26 @@ def finding(curves: dict[str, dict]) -> dict:
             title = "Objective and accuracy over the adaptation"
             text = "On this suite's runs the objective and the accuracy do not part ways: no failure to show here."
     return {"title": title, "text": "\n".join([text, "", *lines])}
+
+
+def fixes_figure(rows: pd.DataFrame, presenter: bool) -> go.Figure:
+    """One bar per method, average full-test accuracy, sorted, each labelled with what it adds (``rows``: index = method
+    name; columns title, average, trainable, seconds, uses). Task arithmetic and Individual are the two ends."""
+    s = sizes(presenter)
+    rows = rows.sort_values("average")
+    colours = ui.method_colours()
+
+    def adds(r) -> str:
+        if r.name in ("task_arithmetic", "individual"):
+            return "the start: one merged model" if r.name == "task_arithmetic" else f"{r['uses']}: T fine-tuned models stored"
+        return f"+{r['trainable']:,.0f} trainable · {r['seconds']:.0f} s · {r['uses']}"
+
+    fig = go.Figure(go.Bar(
+        y=rows["title"], x=rows["average"], orientation="h", marker_color=[colours.get(m, "#6b7280") for m in rows.index],
+        text=[f"<b>{r['average']:.1f} %</b>  {adds(r)}" for _, r in rows.iterrows()], textposition="inside", insidetextanchor="start",
+        textfont=dict(color="white", size=s["font"] - 2), hovertemplate="%{y}: %{x:.1f} %<extra></extra>",
+    ))  # fmt: skip
+    low = float(rows["average"].min())
+    fig.update_layout(xaxis=dict(title="average accuracy (%), full test sets", range=[max(0.0, low - 25), 100]), showlegend=False,
+                      bargap=0.25)
+    return styled(fig, "What each fix buys, and what it adds", presenter, height=max(s["height"], 60 + 52 * len(rows)) if not presenter else s["height"])

@@ -56,14 +56,18 @@ def prepared(configs: dict[str, RunConfig], key: str, what: str, features: Featu
 
 # -- header: Back, the step indicator, Next, the presenter toggle --------------------------------------------------------------
 step = st.session_state["tour-step"]
-top = st.columns([5, 2], vertical_alignment="bottom")
-if not presenter:
-    top[0].title("Tour: why merged models lose accuracy, and what fixes it")
-top[1].toggle("Presenter view", key="tour-presenter", help="Hide the sidebar, enlarge text and markers, one figure per screen (1280x720)")
-nav = st.columns([1.4, 10, 1.4], vertical_alignment="center")
+if presenter:  # one row: Back, the step numbers, Next, the toggle; the step's title says where we are
+    nav = st.columns([1.3, 6, 1.3, 2.2], vertical_alignment="center")
+else:
+    top = st.columns([5, 2], vertical_alignment="bottom")
+    top[0].title("Tour", help="Why merged models lose accuracy, and what fixes it: seven steps on this suite's cached runs")
+    top[0].caption(f"Why merged models lose accuracy, and what fixes it: seven steps on **{name}**, each figure computed from its runs.")
+    nav = [*st.columns([1.4, 10, 1.4], vertical_alignment="center"), top[1]]
 nav[0].button("← Back", key="tourbtn-back", on_click=go, args=(-1,), disabled=step == 1, width="stretch")
-nav[1].radio("Step", list(STEPS), format_func=lambda i: f"{i} {STEPS[i]}", horizontal=True, key="tour-step", label_visibility="collapsed")
+nav[1].radio("Step", list(STEPS), format_func=(lambda i: str(i)) if presenter else (lambda i: f"{i} {STEPS[i]}"), horizontal=True,
+             key="tour-step", label_visibility="collapsed")
 nav[2].button("Next →", key="tourbtn-next", on_click=go, args=(1,), disabled=step == len(STEPS), type="primary", width="stretch")
+nav[3].toggle("Presenter view", key="tour-presenter", help="Hide the sidebar, enlarge text and markers, one figure per screen (1280x720)")
 ui.save_to_url("tour-")
 head = st.columns([3, 2], vertical_alignment="bottom") if step in (1, 2, 4, 5) else [st.container()]
 head[0].subheader(f"Step {step} of {len(STEPS)} · {TITLES[step]}")
@@ -177,29 +181,27 @@ elif step in (4, 5):
                        f"goes {acc['merged']:.1f} → {acc['merged + Surgery']:.1f} % (individual {acc['individual']:.1f} %).")
 
 elif step == 6:
-    newer = [m for m in METHODS if m not in ("pretrained", "individual", "weight_averaging", "task_arithmetic", "ties")]
+    fixes = [m for m in METHODS if method_group(m) == "data-dependent"]
+    lane = [METHODS[m].title.split(" (")[0] for m in METHODS if method_group(m) == "storage lane (task id)"]
     st.markdown(f"**Other fixes.** {paper('adamerging')} learns λ per layer and task by minimising the heads' entropy on unlabeled test "
                 f"images; {paper('wemoe')} turns the MLPs into a mixture of task vectors routed per input; {paper('tinting')} adds a "
-                f"per-task tint to one layer. Each buys accuracy with something: trainable parameters, unlabeled test data, time. "
-                f"Also shown: every other method in the registry ({len(newer)} in all besides the baselines).")
-    order = ui.row_order(["task_arithmetic", *newer, "individual"], by_name=True)
-    configs = {m: RunConfig(name, m, preset=preset if METHODS[m].presets else None) for m in order}
+                "per-task tint to one layer. Each buys accuracy with something: trainable parameters, unlabeled data, time. "
+                f"Every data-dependent method in the registry is here ({len(fixes)})"
+                + (f"; methods that store a part per task and need the task id ({', '.join(lane)}) are on Method comparison." if lane else "."))
+    configs = {m: RunConfig(name, m, preset=preset if METHODS[m].presets else None) for m in ["task_arithmetic", *fixes, "individual"]}
     results = ui.cached_results(suite, configs, device)
     done = {m: r for m, r in results.items() if r is not None}
     if len(done) < len(configs):
-        prepared({m: configs[m] for m in configs}, "others", "runs")
+        prepared(configs, "others", "runs")
     if len(done) >= 2:
-        cost = pd.DataFrame({METHODS[m].title: {"average accuracy": r["average"], "trainable params": r["parameters"]["trainable"],
-                                                "adapt seconds": r["seconds"]["adapt"]} for m, r in done.items()}).T
-        x = st.radio("What each adds", ["trainable params", "adapt seconds"], horizontal=True, key="tour-cost")
-        st.plotly_chart(ui_tour.presenter_cost(ui.cost_figure(cost, x), presenter), width="stretch", key="tour-fig-6")
+        rows = pd.DataFrame({m: {"title": METHODS[m].title.split(" (")[0], "average": r["average"], "trainable": r["parameters"]["trainable"],
+                                 "seconds": r["seconds"]["adapt"], "uses": {"data-dependent": "unlabeled images", "reference": "labels"}.get(
+                                     method_group(m), "weights only")} for m, r in done.items()}).T
+        rows[["average", "trainable", "seconds"]] = rows[["average", "trainable", "seconds"]].astype(float)
+        st.plotly_chart(ui_tour.fixes_figure(rows, presenter), width="stretch", key="tour-fig-6")
         if not presenter:
-            data = pd.DataFrame({"average accuracy (%)": [done[m]["average"] for m in done],
-                                 "uses": ["unlabeled test images" if method_group(m) == "data-dependent" else "weights only" for m in done],
-                                 "trainable params": [done[m]["parameters"]["trainable"] for m in done],
-                                 "adapt seconds": [done[m]["seconds"]["adapt"] for m in done]}, index=[METHODS[m].title for m in done])
-            st.dataframe(data.style.format({"average accuracy (%)": "{:.1f}", "trainable params": "{:,.0f}", "adapt seconds": "{:.1f}"}), width="stretch")
-            st.caption(f"Full test sets, the {preset} preset, on this machine ({device}).")
+            st.caption(f"Full test sets, the {preset} preset, adaptation seconds on this machine ({device}). Trainable: what a method "
+                       "learns on top of the merged model; Individual's 'labels' are the fine-tuning of T separate models.")
 
 elif step == 7:
     st.markdown(f"**Where methods fail.** {paper('adamerging')} and {paper('wemoe')} both start from task arithmetic (λ = 0.3) and "

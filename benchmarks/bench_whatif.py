@@ -9,6 +9,12 @@ density, every value new to the server (nothing is answered from the engine's me
 the mouse release until the figure's title shows the new value (the chart redrawn with the new accuracies), and
 until the script is idle. The engine's own time per move (merge + forward + projection, read off the caption) is
 printed beside it. Also printed: the machine's load average before the run.
+
+    .venv/bin/python benchmarks/bench_whatif.py --walk docs/screenshots --cache /tmp/fresh/cache
+
+instead walks the Tour as a new user: the Overview first (it runs the baselines), then steps 1 to 7 with Next,
+clicking "Compute them now" wherever a step's runs are missing and waiting for its figure, screenshotting every
+step with the presenter view off (``tour_<k>.png``, 1280x1100) and on (``tour_<k>_presenter.png``, the 1280x720 screen).
 """
 
 from __future__ import annotations
@@ -65,15 +71,69 @@ def engine_seconds(page) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def walk(url: str, out: Path, browser) -> None:
+    """A new user's walk through the Tour; every step's screenshot, presenter view off and on."""
+    out.mkdir(parents=True, exist_ok=True)
+    page = browser.new_context(viewport={"width": 1280, "height": 720}).new_page()
+    t0 = time.perf_counter()
+    page.goto(url)
+    page.locator("[data-testid='stMetric']").first.wait_for(timeout=1_800_000)  # the Overview's baselines, computed on the first visit
+    print(f"Overview ready after {time.perf_counter() - t0:.0f} s")
+    page.goto(f"{url}/tour")
+    page.get_by_text("Step 1 of 7").wait_for(timeout=300_000)
+    for step in range(1, 8):
+        if step > 1:
+            page.get_by_role("button", name="Next →").click()
+            page.get_by_text(f"Step {step} of 7").wait_for(timeout=120_000)
+        page.wait_for_selector(IDLE, timeout=300_000)
+        if page.get_by_role("button", name="Compute them now").count():
+            t1 = time.perf_counter()
+            page.get_by_role("button", name="Compute them now").click()
+            page.locator("[data-testid='stPlotlyChart']").first.wait_for(timeout=3_600_000)
+            print(f"step {step}: its runs computed in {time.perf_counter() - t1:.0f} s")
+        page.locator(".js-plotly-plot").first.wait_for(timeout=600_000)
+        page.wait_for_selector(IDLE, timeout=600_000)
+        if page.get_by_role("button", name="Compute them now").count():  # a step whose figure shows part of its runs (step 7)
+            t1 = time.perf_counter()
+            page.get_by_role("button", name="Compute them now").click()
+            page.get_by_role("button", name="Compute them now").wait_for(state="detached", timeout=3_600_000)
+            page.wait_for_selector(IDLE, timeout=600_000)
+            print(f"step {step}: the rest of its runs computed in {time.perf_counter() - t1:.0f} s")
+        time.sleep(1.0)  # plotly's transitions
+        assert page.locator("[data-testid='stException']").count() == 0, f"step {step} shows an exception"
+        page.set_viewport_size({"width": 1280, "height": 1100})  # the page scrolls inside the app: a taller window shows all of it
+        page.wait_for_selector(IDLE, timeout=300_000)
+        time.sleep(1.0)
+        page.screenshot(path=str(out / f"tour_{step}.png"))
+        page.set_viewport_size({"width": 1280, "height": 720})
+        page.get_by_text("Presenter view").click()
+        page.wait_for_selector("[data-testid='stSidebar']", state="hidden", timeout=60_000)
+        page.wait_for_selector(IDLE, timeout=300_000)
+        time.sleep(1.0)
+        page.screenshot(path=str(out / f"tour_{step}_presenter.png"))
+        page.get_by_text("Presenter view").click()
+        page.locator("[data-testid='stSidebar']").wait_for(timeout=60_000)
+        page.wait_for_selector(IDLE, timeout=300_000)
+        print(f"step {step}: screenshots at {time.perf_counter() - t0:.0f} s")
+    page.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", default="mini8")
     ap.add_argument("--cache", default=None, help="the app's cache folder (default: the project's cache/)")
+    ap.add_argument("--walk", default=None, metavar="DIR", help="walk the Tour's seven steps and write screenshots here (no timing)")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
     load = os.getloadavg()
     env = {"MERGELENS_DEFAULT_SUITE": args.suite, **({"MERGELENS_CACHE": str(Path(args.cache).resolve())} if args.cache else {})}
+    if args.walk:
+        with serve(env, timeout=120, log=None) as url, sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            walk(url, Path(args.walk), browser)
+            browser.close()
+        return
     rows: list[tuple[str, str, float, float, float | None]] = []
     with serve(env, timeout=120) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
