@@ -4,6 +4,7 @@ through these and draw; no computation happens in a Streamlit thread (long work 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -299,7 +300,7 @@ def _projected(name: str, fingerprint: str, configs: dict[str, RunConfig], devic
     return joint_projection(sets, method=method, cache_dir=CACHE_DIR)
 
 
-MODEL_COLOURS = {"individual": "#2563eb", "merged": "#dc2626", "merged + Surgery": "#16a34a"}
+MODEL_COLOURS = {"individual": "#2563eb", "merged": "#dc2626", "merged + Surgery": "#16a34a", "merged + FeatCal": "#9333ea"}
 
 
 def bias_scatter(name: str, configs: dict[str, RunConfig], device: str, n: int, task: str, method: str, shown: tuple[str, ...],
@@ -452,7 +453,7 @@ def layer_figure(layered: pd.DataFrame, title: str) -> go.Figure:
     blocks = sorted({layer for layer in layered["layer"] if layer != FINAL}, key=lambda b: int("".join(filter(str.isdigit, b)) or 0))
     order = [*blocks, FINAL]
     fig = go.Figure()
-    styles = {"merged": ("solid", "circle"), "merged + Surgery": ("dash", "diamond")}
+    styles = {"merged": ("solid", "circle"), "merged + Surgery": ("dash", "diamond"), "merged + FeatCal": ("dashdot", "triangle-up")}
     for model, rows in layered.groupby("model", sort=False):
         by_layer = rows.set_index("layer")["value"]
         dash, symbol = styles.get(model, ("dot", "square"))
@@ -467,33 +468,73 @@ def layer_figure(layered: pd.DataFrame, title: str) -> go.Figure:
     return fig
 
 
-def cost_figure(cost: pd.DataFrame, x: str) -> go.Figure:
-    """Average accuracy against a cost (``cost`` has one row per method label), every method visible.
+def fix_bias_figure(l1: pd.DataFrame, bases: list[str], suffixes: list[str]) -> go.Figure:
+    """Per-task bias of each fix, one group of bars per task and one panel per base merge (ProbSurgery's figure).
 
-    Costs span orders of magnitude, so the axis is logarithmic; a method that costs nothing (0 trainable
-    parameters, no adaptation: under 10 ms counts as none) is drawn on the axis floor, labelled "0" there,
-    instead of vanishing. The legend names every marker; a marker whose position no other shares also
-    carries its label and cost, so labels never pile up where many methods cost nothing.
+    ``l1`` has columns task, model, value; a model is a base title plus one of ``suffixes`` ("" for the base itself).
     """
-    seconds = "seconds" in x
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=len(bases), cols=1, shared_xaxes=True, subplot_titles=bases, vertical_spacing=0.12 / max(len(bases), 1))
+    colours = dict(zip(suffixes, ["#dc2626", "#16a34a", "#0d9488", "#9333ea", *_PALETTE], strict=False))
+    for row, base in enumerate(bases, start=1):
+        for suffix in suffixes:
+            rows = l1[l1["model"] == base + suffix]
+            fig.add_bar(x=rows["task"], y=rows["value"], name=(suffix.removeprefix(" + ") or "base merge"), legendgroup=suffix,
+                        showlegend=row == 1, marker_color=colours[suffix], row=row, col=1,
+                        hovertemplate=f"{base}{suffix}<br>%{{x}}: %{{y:.3f}}<extra></extra>")
+        fig.update_yaxes(title_text="mean L1 to individual", row=row, col=1)
+    fig.update_layout(barmode="group", height=260 + 260 * len(bases), legend_title=None, margin=dict(t=60, b=10),
+                      title="Representation bias per task: the base merge and each fix")
+    return fig
+
+
+GROUP_SYMBOLS = {"reference": "star", "data-free, one model": "circle", "storage lane (task id)": "square", "data-dependent": "diamond"}
+"""One marker shape per method group (``merging.methods.GROUPS``) in the accuracy-vs-cost view."""
+
+
+def pareto_front(cost: pd.Series, accuracy: pd.Series) -> list[str]:
+    """Labels on the Pareto front of (low cost, high accuracy), cheapest first: no other point is at least as cheap and more accurate."""
+    front, best = [], -np.inf
+    for label in sorted(cost.index, key=lambda k: (cost[k], -accuracy[k])):
+        if accuracy[label] > best:
+            front.append(label)
+            best = accuracy[label]
+    return front
+
+
+def cost_figure(cost: pd.DataFrame, x: str, groups: Mapping[str, str] | None = None) -> go.Figure:
+    """Average accuracy against a cost (``cost`` has one row per method label), every method visible, the Pareto front drawn.
+
+    Costs span orders of magnitude, so the axis is logarithmic; a method that costs nothing (no extra storage, no
+    data, no adaptation: under 10 ms or one unit counts as none) is drawn on the axis floor, labelled "0" there,
+    instead of vanishing. ``groups`` (label -> method group) gives each group its marker shape (``GROUP_SYMBOLS``).
+    The legend names every marker; a marker whose position no other shares also carries its label and cost.
+    """
+    seconds, megabytes = "seconds" in x, "MB" in x
     values = cost[x].astype(float)
-    values = values.where(values >= (0.01 if seconds else 1), 0.0)
+    values = values.where(values >= (0.01 if seconds else 1e-3 if megabytes else 1), 0.0)
     positive = values[values > 0]
     floor = 10 ** np.floor(np.log10(positive.min()) - 1) if len(positive) else 1.0
     top = max(values.max(), floor)
     drawn = values.where(values > 0, floor)
-    fmt = (lambda v: f"{v:.3g} s") if seconds else (lambda v: f"{v:,.0f}")
+    fmt = (lambda v: f"{v:.3g} s") if seconds else (lambda v: f"{v:.3g} MB") if megabytes else (lambda v: f"{v:,.0f}")
     colours = label_colours(list(cost.index))
     shared = drawn.duplicated(keep=False)
+    accuracy = cost["average accuracy"].astype(float)
     fig = go.Figure()
     for label in cost.index:
         text = "" if shared[label] else f"{label.split(' (')[0]}: {fmt(values[label])}"
-        fig.add_scatter(x=[drawn[label]], y=[cost.loc[label, "average accuracy"]], mode="markers+text", name=label,
-                        marker=dict(size=14, color=colours[label], line=dict(width=1, color="white")), cliponaxis=False,
-                        text=[text], textposition="middle right", hovertext=f"{label}: {fmt(values[label])}", hoverinfo="text+y")
+        group = (groups or {}).get(label, "")
+        fig.add_scatter(x=[drawn[label]], y=[accuracy[label]], mode="markers+text", name=label, cliponaxis=False,
+                        marker=dict(size=14, color=colours[label], symbol=GROUP_SYMBOLS.get(group, "circle"), line=dict(width=1, color="white")),
+                        text=[text], textposition="middle right", hovertext=f"{label}: {fmt(values[label])}{f' · {group}' if group else ''}",
+                        hoverinfo="text+y")
+    front = pareto_front(values, accuracy)
+    fig.add_scatter(x=[drawn[k] for k in front], y=[accuracy[k] for k in front], mode="lines", name="Pareto front", line_shape="hv",
+                    line=dict(color="#6b7280", dash="dot", width=2), hoverinfo="skip")
     decades = np.arange(np.ceil(np.log10(floor)) + 1, np.ceil(np.log10(top)) + 1)
     ticks = [floor, *(10.0 ** decades)]
-    accuracy = cost["average accuracy"].astype(float)
     note = "0 drawn at the left edge" if len(positive) else f"every method shown has 0 {x}"
     fig.update_layout(title=f"Average accuracy vs {x} (log axis; {note})", height=480, legend_title=None,
                       xaxis=dict(type="log", title=x, tickvals=ticks, ticktext=["0", *(fmt(t) for t in ticks[1:])],

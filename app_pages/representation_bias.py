@@ -1,5 +1,6 @@
-"""Representation bias: a joint projection of individual vs merged vs merged+Surgery features, before/after
-Surgery, the bias metrics per task, the per-layer bias curve, and the images behind selected points."""
+"""Representation bias: a joint projection of individual vs merged vs merged + Surgery vs merged + FeatCal features,
+the bias metrics per task, the per-layer bias curve, the per-task bias of every fix grouped by base merge, and the
+images behind selected points."""
 
 import numpy as np
 import streamlit as st
@@ -14,13 +15,16 @@ settings = ui.sidebar()
 name, preset, device = settings["suite"], settings["preset"], settings["device"]
 st.title("Representation bias")
 st.caption("The merged model's features drift from each individual model's on the same images (Yang et al., 2024). "
-           "One joint projection of all models' features per task keeps positions comparable; Surgery pulls the merged features back.")
+           "One joint projection of all models' features per task keeps positions comparable; Surgery pulls the merged features back "
+           "with small per-task modules, FeatCal by recalibrating every layer's weights from a few unlabeled train images.")
 
 BASES = list(dict.fromkeys(m for m in ("task_arithmetic", "ties", "weight_averaging", *METHODS) if method_group(m) == "data-free, one model"))
 BASES += [m for m in ("adamerging",) if m in METHODS]  # a data-dependent base whose run Surgery reuses
 PROJECTIONS = ["umap", "tsne", "pca"]
-VIEWS = {"before Surgery": ["individual", "merged"], "after Surgery": ["individual", "merged + Surgery"],
-         "both": ["individual", "merged", "merged + Surgery"]}
+VIEWS = {"before": ["individual", "merged"], "after Surgery": ["individual", "merged + Surgery"],
+         "after FeatCal": ["individual", "merged + FeatCal"], "all": ["individual", "merged", "merged + Surgery", "merged + FeatCal"]}
+FIXES = {"": None, " + Surgery": ("surgery", {}), " + SurgeryV2": ("surgery", {"version": 2}), " + FeatCal": ("featcal", {})}
+"""The bias fixes the grouped chart compares on each base merge (ProbSurgery's per-task bias figure)."""
 COLOURS = ["model", "class"]
 controls = st.container()  # the widgets are drawn into it after the scatter, so that the browser starts loading Plotly first
 
@@ -52,6 +56,7 @@ configs = {
     "individual": RunConfig(name, "individual"),
     "merged": RunConfig(name, base, preset=preset if METHODS[base].presets else None),
     "merged + Surgery": RunConfig(name, "surgery", {"base": base}, preset=preset),
+    "merged + FeatCal": RunConfig(name, "featcal", {"base": base}),
 }
 job = RunsJob(name, tuple(configs.values()), device, FeaturesRequest(n, True, projection, st.session_state.get("bias-task")))
 ui.save_to_url("bias-", skip=("bias-scatter",))
@@ -66,7 +71,8 @@ suite = ui.load_suite(name)
 task, color = chosen("bias-task", suite.tasks), chosen("bias-color", COLOURS)
 # Lazy tabs (only the open one runs and is sent): a returning visitor's scatter is not kept waiting by the
 # metrics table's and the per-layer chart's scripts in the browser (BENCHMARKS.md, "The dashboard")
-tab_projection, tab_metrics, tab_layers = st.tabs(["Projection", "Bias metrics", "Bias per layer"], key="bias-tab", on_change="rerun")
+tab_projection, tab_metrics, tab_layers, tab_fixes = st.tabs(["Projection", "Bias metrics", "Bias per layer", "Bias by fix"], key="bias-tab",
+                                                            on_change="rerun")
 if tab_projection.open:
     with tab_projection:
         fig = ui.bias_scatter(name, configs, device, n, task, projection, tuple(VIEWS[view]), color,
@@ -77,12 +83,12 @@ ui.warm_up_projections()  # only now: while the job runs, numba's compile would 
 metrics = ui.bias_metrics(name, configs, device, n)
 final = metrics[(metrics["layer"] == "final") & (metrics["model"] != "individual")]
 l1 = final[final["metric"] == "l1"].pivot_table(index="task", columns="model", values="value", sort=False)
-drop = 100 * (1 - l1["merged + Surgery"] / l1["merged"]) if {"merged", "merged + Surgery"} <= set(l1.columns) else None
+drops = {fix: 100 * (1 - l1[f"merged + {fix}"] / l1["merged"]) for fix in ("Surgery", "FeatCal") if {"merged", f"merged + {fix}"} <= set(l1.columns)}
 
 
 def surgery_summary() -> None:
-    if drop is not None:
-        st.caption("Surgery lowers the mean L1 bias of the final features by " + ", ".join(f"{t} {d:.0f} %" for t, d in drop.items()))
+    for fix, drop in drops.items():
+        st.caption(f"{fix} changes the mean L1 bias of the final features by " + ", ".join(f"{t} {-d:+.0f} %" for t, d in drop.items()))
 
 
 if tab_projection.open:
@@ -126,3 +132,29 @@ if tab_layers.open:
     with tab_layers:
         layered = metrics[(metrics["metric"] == "l1") & (metrics["model"] != "individual") & (metrics["task"] == task)]
         st.plotly_chart(ui.layer_figure(layered, f"{task}: mean L1 distance per block (vs the individual model)"), width="stretch")
+        st.caption("Surgery (V1) acts on the final features only, so its blocks equal the base merge's; FeatCal recalibrates every "
+                   "block, so its curve departs from the first block on.")
+if tab_fixes.open:
+    with tab_fixes:
+        picked = st.multiselect("Base merges", BASES, format_func=lambda m: METHODS[m].title, key="bias-fix-bases",
+                                **ui.initial("bias-fix-bases", default=[m for m in ("task_arithmetic", "ties") if m in BASES]))
+        fix_configs = {"individual": RunConfig(name, "individual")}
+        for b in picked:
+            fix_configs[METHODS[b].title] = RunConfig(name, b, preset=preset if METHODS[b].presets else None)
+            for suffix, spec in FIXES.items():
+                if spec is not None:
+                    fix_method, extra = spec
+                    fix_configs[METHODS[b].title + suffix] = RunConfig(name, fix_method, {"base": b, **extra},
+                                                                       preset=preset if METHODS[fix_method].presets else None)
+        if picked and not ui.bias_ready(name, fix_configs, device, n):
+            st.info(f"Computing {len(fix_configs) - 1} runs and their features in the background (SurgeryV2 re-runs the encoder "
+                    "every step: the slowest of them).")
+            ui.job_panel(ui.start_job(RunsJob(name, tuple(fix_configs.values()), device, FeaturesRequest(n, True)), automatic=True), "Bias by fix")
+        elif picked:
+            fixes = ui.bias_metrics(name, fix_configs, device, n)
+            fixes = fixes[(fixes["layer"] == "final") & (fixes["metric"] == "l1") & (fixes["model"] != "individual")]
+            st.plotly_chart(ui.fix_bias_figure(fixes, [METHODS[b].title for b in picked], list(FIXES)), width="stretch")
+            st.caption(f"Mean L1 distance of each task's final features to the individual model's, on the {n} sampled test images "
+                       "per task; lower is less representation bias. Surgery and SurgeryV2 train on unlabeled test images, FeatCal "
+                       "calibrates on unlabeled train images.")
+            ui.download_csv(fixes.pivot_table(index="task", columns="model", values="value", sort=False), f"{name}_bias_by_fix.csv")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -147,12 +148,22 @@ def test_method_comparison_page_shows_routing_filter_and_cross_task(app_cache, m
 
 @pytest.fixture(scope="module")
 def bias_cache(app_cache):
-    """The bias view's three runs and their features, as the page's background job leaves them."""
+    """The bias view's four runs (and SurgeryV2 for the grouped chart) with their features, as the page's background jobs leave them."""
     from merging import jobs
 
-    runs = (RunConfig("micro", "individual"), RunConfig("micro", "task_arithmetic"), RunConfig("micro", "surgery", {"base": "task_arithmetic"}, "fast"))
+    runs = (RunConfig("micro", "individual"), RunConfig("micro", "task_arithmetic"), RunConfig("micro", "surgery", {"base": "task_arithmetic"}, "fast"),
+            RunConfig("micro", "featcal", {"base": "task_arithmetic"}), RunConfig("micro", "surgery", {"base": "task_arithmetic", "version": 2}, "fast"))
     jobs.execute(jobs.RunsJob("micro", runs, "cpu", jobs.FeaturesRequest(n=300, layers=True)), app_cache, lambda f, m: None)
     return app_cache
+
+
+def _values(encoded) -> list:
+    """A trace's values from a chart spec: a list, or plotly's typed-array form {"dtype", "bdata"}."""
+    import base64
+
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(encoded["bdata"]), dtype=encoded["dtype"]).tolist() if isinstance(encoded, dict) else list(encoded)
 
 
 def _traces(chart) -> set[str]:
@@ -167,7 +178,7 @@ def test_representation_bias_page_scatter_views_metrics_and_layers(bias_cache, m
     at.run()
     assert not at.exception, at.exception
     scatter = at.get("plotly_chart")[0]
-    assert _traces(scatter) == {"individual", "merged"}  # "before Surgery" is the default view
+    assert _traces(scatter) == {"individual", "merged"}  # "before" is the default view
     assert "PCA" in scatter.proto.spec
     # the metrics table holds the library's numbers
     from merging.artifacts import run_features
@@ -175,12 +186,15 @@ def test_representation_bias_page_scatter_views_metrics_and_layers(bias_cache, m
 
     results = {label: run(RunConfig("micro", m, p, preset=preset), micro_suite, cache_dir=bias_cache, device="cpu")
                for label, m, p, preset in [("individual", "individual", {}, None), ("merged", "task_arithmetic", {}, None),
-                                           ("merged + Surgery", "surgery", {"base": "task_arithmetic"}, "fast")]}
+                                           ("merged + Surgery", "surgery", {"base": "task_arithmetic"}, "fast"),
+                                           ("merged + FeatCal", "featcal", {"base": "task_arithmetic"}, None)]}
     task = micro_suite.tasks[0]
     sets = {label: run_features(r, micro_suite, n=300, layers=True, cache_dir=bias_cache)[task] for label, r in results.items()}
     expected = bias_table(sets, "individual", layers=sets["individual"].layers)
     l1 = expected[(expected["layer"] == "final") & (expected["metric"] == "l1")].set_index("model")["value"]
-    assert any("Surgery lowers the mean L1 bias" in c.value for c in at.caption)
+    drop = round(-100 * (1 - l1["merged + Surgery"] / l1["merged"]))
+    assert any(c.value.startswith("Surgery changes the mean L1 bias") and f"{task} {drop:+d} %" in c.value for c in at.caption)
+    assert any(c.value.startswith("FeatCal changes the mean L1 bias") for c in at.caption)
     assert not at.dataframe  # the metrics table's tab is lazy: closed, nothing of it is sent
     # widgets change what is shown: the after-Surgery view, then each lazily drawn tab
     at.radio(key="bias-view").set_value("after Surgery").run()
@@ -198,7 +212,16 @@ def test_representation_bias_page_scatter_views_metrics_and_layers(bias_cache, m
     assert not at.exception, at.exception
     charts = at.get("plotly_chart")
     assert len(charts) == 1 and not at.dataframe
-    assert _traces(charts[0]) == {"merged", "merged + Surgery"}
+    assert _traces(charts[0]) == {"merged", "merged + Surgery", "merged + FeatCal"}
+    # the grouped chart: one bar trace per fix on the chosen base, heights from the library's metrics
+    at.session_state["bias-tab"] = "Bias by fix"
+    at.session_state["bias-fix-bases"] = ["task_arithmetic"]
+    at.run()
+    assert not at.exception, at.exception
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    bars = {t["name"]: dict(zip(t["x"], _values(t["y"]), strict=True)) for t in spec["data"]}
+    assert set(bars) == {"base merge", "Surgery", "SurgeryV2", "FeatCal"}
+    assert bars["base merge"][task] == pytest.approx(l1["merged"]) and bars["Surgery"][task] == pytest.approx(l1["merged + Surgery"])
 
 
 def test_merge_page_settings_live_in_the_url_and_a_reload_attaches_to_the_running_job(app_cache, micro_suite):

@@ -29,15 +29,29 @@ def test_cost_chart_draws_every_method_including_zero_cost_ones():
                          "adapt seconds": [0.0004, 0.0, 12.5, 40.0]}, index=["Pretrained", "Task Arithmetic", "AdaMerging", "Individual"])
     for x in ("trainable params", "adapt seconds"):
         fig = ui.cost_figure(cost, x)
-        assert [t.name for t in fig.data] == list(cost.index)
-        xs = np.array([t.x[0] for t in fig.data], dtype=float)
+        assert [t.name for t in fig.data] == [*cost.index, "Pareto front"]
+        xs = np.array([t.x[0] for t in fig.data[:-1]], dtype=float)
         assert np.isfinite(xs).all() and (xs > 0).all()  # drawable on the log axis
         assert xs[0] == xs[1] == fig.layout.xaxis.tickvals[0] < xs[2] and fig.layout.xaxis.ticktext[0] == "0"  # 0.4 ms counts as none
         assert len(set(fig.layout.xaxis.ticktext)) == len(fig.layout.xaxis.ticktext)  # no two ticks read alike
-        assert [t.text[0] for t in fig.data][:2] == ["", ""]  # methods sharing a spot: named by the legend, not a pile of labels
+        assert [t.text[0] for t in fig.data[:2]] == ["", ""]  # methods sharing a spot: named by the legend, not a pile of labels
         assert "AdaMerging" in fig.data[2].text[0] and "Individual" in fig.data[3].text[0]
-        assert all(label in t.hovertext for label, t in zip(cost.index, fig.data, strict=True))
+        assert all(label in t.hovertext for label, t in zip(cost.index, fig.data[:-1], strict=True))
     assert "12.5 s" in ui.cost_figure(cost, "adapt seconds").data[2].text[0]
+
+
+def test_accuracy_vs_cost_marks_groups_and_draws_the_pareto_front():
+    cost = pd.DataFrame({"average accuracy": [60.0, 67.0, 66.0, 88.0, 74.0, 92.0], "extra storage (MB)": [0.0, 0.0, 0.0, 0.5, 0.02, 2.1]},
+                        index=["Pretrained", "Task Arithmetic", "TIES", "EMR", "Surgery", "Individual"])
+    groups = {"Pretrained": "reference", "Task Arithmetic": "data-free, one model", "TIES": "data-free, one model",
+              "EMR": "storage lane (task id)", "Surgery": "data-dependent", "Individual": "reference"}
+    assert ui.pareto_front(cost["extra storage (MB)"], cost["average accuracy"]) == ["Task Arithmetic", "Surgery", "EMR", "Individual"]
+    fig = ui.cost_figure(cost, "extra storage (MB)", groups)
+    symbols = {t.name: t.marker.symbol for t in fig.data[:-1]}
+    assert symbols == {"Pretrained": "star", "Task Arithmetic": "circle", "TIES": "circle", "EMR": "square", "Surgery": "diamond", "Individual": "star"}
+    front = fig.data[-1]
+    assert front.name == "Pareto front" and list(front.y) == [67.0, 74.0, 88.0, 92.0] and front.line.shape == "hv"
+    assert "0.5 MB" in fig.data[3].text[0]
 
 
 def test_classes_named_by_colours_are_drawn_in_them():

@@ -75,6 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default=None, help="preset of data-dependent methods: fast or paper (default: fast on CPU, paper on GPU)")
     p.add_argument("--ta-grid", default=None, help="also run task arithmetic at these scalings, e.g. 0.1,0.2,...,1.0")
     p.add_argument("--normalized", action="store_true", help="also print accuracy normalized by Individual")
+    p.add_argument("--cost", action="store_true", help="also give each row's cost: extra storage (MB), unlabeled images used and adaptation seconds")
     p.add_argument("--csv", default=None, help="write the table to this CSV file")
     add_common(p)
     p.set_defaults(func=cmd_table)
@@ -197,31 +198,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def baseline_table(suite_name: str, methods: list[str], ta_grid: list[float], cache_dir: str, device: str | None, preset: str | None = None):
-    """Run (or load) each method spec and return the accuracy table, row labels like ``task_arithmetic(scaling=0.3)``."""
+COST_COLUMNS = ("extra_mb", "images", "split", "adapt_s")
+
+
+def baseline_table(suite_name: str, methods: list[str], ta_grid: list[float], cache_dir: str, device: str | None, preset: str | None = None,
+                   cost: bool = False) -> pd.DataFrame:
+    """Run (or load) each method spec and return the accuracy table, row labels like ``task_arithmetic(scaling=0.3)``;
+    with ``cost``, also the columns extra_mb (storage beyond one merged model), images (unlabeled images learned from,
+    with their split) and adapt_s."""
     suite = get_suite(suite_name, cache_dir=cache_dir)
-    rows = {}
+    rows, costs = {}, {}
     for spec in methods:
         name, overrides = parse_method(spec)
         result = run(RunConfig(suite_name, name, overrides, preset), suite, cache_dir=cache_dir, device=device)
         label = name + (f"({';'.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
         rows[label] = result["accuracy"]
+        costs[label] = {"extra_mb": result["storage"]["extra_mb"], "images": result["data"]["images"], "split": result["data"]["split"] or "",
+                        "adapt_s": result["seconds"]["adapt"]}
         print(f"{label}: {result['average']:.1f} (adapt {result['seconds']['adapt']:.1f} s)", flush=True)
     for lam in ta_grid:
         r = run(RunConfig(suite_name, "task_arithmetic", {"scaling": lam}), suite, cache_dir=cache_dir, device=device)
         rows[f"task_arithmetic(scaling={lam:g})"] = r["accuracy"]
-    return accuracy_table(rows, suite.tasks)
+        costs[f"task_arithmetic(scaling={lam:g})"] = {"extra_mb": 0.0, "images": 0, "split": "", "adapt_s": r["seconds"]["adapt"]}
+    table = accuracy_table(rows, suite.tasks)
+    return table.join(pd.DataFrame(costs).T) if cost else table
 
 
 def cmd_table(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(BASELINES)
     grid = [float(x) for x in args.ta_grid.split(",")] if args.ta_grid else []
-    table = baseline_table(args.suite, methods, grid, args.cache_dir, args.device, args.preset)
+    table = baseline_table(args.suite, methods, grid, args.cache_dir, args.device, args.preset, args.cost)
     with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.1f}".format):
         print(table)
         if args.normalized and "individual" in table.index:
             print("\nnormalized accuracy (% of individual):")
-            print(normalized_table(table))
+            print(normalized_table(table[[c for c in table.columns if c not in COST_COLUMNS]]))
     if args.csv:
 
         atomic_write(args.csv, lambda tmp: table.to_csv(tmp, float_format="%.2f"))
