@@ -29,7 +29,11 @@ def merge_files(
     method = get_method(method_name)
     if not isinstance(method, StaticMergeMethod) or method.name in ("pretrained",):
         allowed = [m.name for m in METHODS.values() if isinstance(m, StaticMergeMethod) and m.name != "pretrained"]
-        raise ConfigError(f"method {method_name!r} cannot merge raw checkpoints; use one of: {', '.join(allowed)}")
+        why = {"featcal": "it calibrates on unlabeled train images, so it runs on a suite (python -m merging run --method featcal "
+                          "--save-model OUT.safetensors writes its plain state dict)",
+               "tall_masks": "it keeps a mask per task chosen by the task id, not one model",
+               "emr": "it keeps a mask and a rescaler per task chosen by the task id, not one model"}.get(method_name, "it is not a data-free merge")
+        raise ConfigError(f"method {method_name!r} cannot merge raw checkpoints ({why}); use one of: {', '.join(allowed)}")
     params = make_params(method, settings or {})
     if not finetuned:
         raise ConfigError("--finetuned is empty: give at least one NAME=PATH fine-tuned checkpoint")

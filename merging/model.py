@@ -196,6 +196,17 @@ class StaticModel(SharedEncoderModel):
         self.encoder.requires_grad_(False)
 
 
+def plain_state(model: MultiTaskModel) -> StateDict | None:
+    """The one encoder state of a model that is one plain model (a static merge, an AdaMerging-style merged encoder at
+    its learned coefficients, FeatCal's recalibrated weights); None for models with per-task parts or added modules."""
+    encoder = getattr(model, "encoder", None)
+    if callable(getattr(encoder, "merged_state_dict", None)):
+        return encoder.merged_state_dict()
+    if isinstance(model, StaticModel):
+        return {k: v.detach().cpu().clone() for k, v in model.encoder.state_dict().items()}
+    return None
+
+
 class PerTaskModel(MultiTaskModel):
     """One encoder state per task run through one module by ``functional_call``: the individual models.
 

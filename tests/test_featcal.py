@@ -112,3 +112,27 @@ def test_featcal_moves_every_block_towards_the_experts(micro_suite, micro_cache)
         for before, after, target in zip(block_means(base, micro_suite, t), block_means(calibrated, micro_suite, t), targets, strict=True):
             assert mean_l1(after, target) < mean_l1(before, target)
     assert featcal["info"]["calibration_images"] == {t: 256 for t in micro_suite.tasks}
+
+
+def test_cli_runs_featcal_writes_its_plain_state_dict_and_merge_refuses_it(tmp_path, capsys, micro_suite, micro_cache):
+    from safetensors.torch import load_file, save_file
+
+    from merging.cli import main
+
+    out = tmp_path / "featcal.safetensors"
+    assert main(["run", "--suite", "micro", "--method", "featcal", "--set", "calibration_images=8", "--save-model", str(out),
+                 "--cache-dir", str(micro_cache), "--device", "cpu"]) == 0
+    result = run(RunConfig("micro", "featcal", {"calibration_images": 8}), micro_suite, cache_dir=micro_cache, device="cpu")
+    saved = load_file(out)
+    model = load_model(result, micro_suite, micro_cache, "cpu")
+    assert set(saved) == set(model.encoder.state_dict()) and all(torch.equal(saved[k], v) for k, v in model.encoder.state_dict().items())
+    capsys.readouterr()
+    assert main(["run", "--suite", "micro", "--method", "emr", "--save-model", str(tmp_path / "emr.safetensors"),
+                 "--cache-dir", str(micro_cache), "--device", "cpu"]) == 2
+    assert "is not one plain model" in capsys.readouterr().err and not (tmp_path / "emr.safetensors").exists()
+    save_file(dict(micro_suite.pretrained), tmp_path / "p.safetensors")
+    save_file(dict(micro_suite.finetuned["colors"]), tmp_path / "a.safetensors")
+    assert main(["merge", "--method", "featcal", "--pretrained", str(tmp_path / "p.safetensors"), "--finetuned", f"a={tmp_path / 'a.safetensors'}",
+                 "--out", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "calibrates on unlabeled train images" in err and not (tmp_path / "m.safetensors").exists()

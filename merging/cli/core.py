@@ -13,12 +13,13 @@ from merging import jobs
 from merging.cli.common import add_common, parse_method, parse_sets
 from merging.errors import ConfigError
 from merging.evaluation import accuracy_table, normalized_table
-from merging.io import atomic_write, load_yaml_mapping, save_json
+from merging.io import atomic_write, load_yaml_mapping, save_json, save_state_dict
 from merging.merge_files import merge_files
 from merging.methods import BASELINES, METHODS, specs
 from merging.methods_doc import methods_markdown
+from merging.model import plain_state
 from merging.progress import line_progress
-from merging.runs import RunConfig, program_report, run
+from merging.runs import RunConfig, load_model, program_report, run
 from merging.suites import BUILTIN_SUITES, get_suite
 
 
@@ -66,6 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="recompute even if cached")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     p.add_argument("--report", default=None, help="also write FusionBench's program_report.json shape to this path")
+    p.add_argument("--save-model", default=None, metavar="PATH.safetensors",
+                   help="also write the encoder as a plain state dict (methods that give one plain model: merges, adamerging, featcal)")
     add_common(p)
     p.set_defaults(func=cmd_run)
 
@@ -191,6 +194,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = run(config, suite, cache_dir=args.cache_dir, device=args.device, force=args.force)
     if args.report:
         save_json(program_report(result), args.report)
+    if args.save_model:
+        state = plain_state(load_model(result, suite, args.cache_dir, args.device))
+        if state is None:
+            raise ConfigError(f"--save-model: {result['method']!r} is not one plain model (it keeps per-task parts or added modules); "
+                              "save a merge, adamerging or featcal")
+        save_state_dict(state, args.save_model)
+        print(f"wrote {args.save_model}")
     if args.json:
         print(json.dumps(result, indent=2))
     else:

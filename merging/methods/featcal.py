@@ -31,9 +31,8 @@ from torch import nn
 from torch.func import functional_call
 
 from merging.errors import ConfigError
-from merging.functional import MergedEncoder
 from merging.methods.base import BuildContext, MergeMethod, RunContext, RunInput, hyperparameter, method_name, nested_params
-from merging.model import MultiTaskModel, StaticModel, blocks_of
+from merging.model import StaticModel, blocks_of, plain_state
 from merging.progress import track
 from merging.suites.base import Suite
 
@@ -236,16 +235,6 @@ def _block_state(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def shared_state(model: MultiTaskModel, method: str) -> StateDict:
-    """The one encoder state of a base merge: a static model's weights, or a merged encoder's at its learned coefficients."""
-    encoder = getattr(model, "encoder", None)
-    if isinstance(encoder, MergedEncoder):
-        return encoder.merged_state_dict()
-    if isinstance(model, StaticModel):
-        return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
-    raise ConfigError(f"method {method!r}: the base must give one plain model (a static merge or adamerging), got a {type(model).__name__}")
-
-
 def calibration_images(suite: Suite, task: str, count: int, seed: int) -> torch.Tensor:
     """``count`` unlabeled *train* images of ``task`` (uint8 [n, H, W, 3]) in a seeded shuffle; never the test split."""
     data = suite.data[task]
@@ -279,7 +268,11 @@ class FeatCal(MergeMethod):
         return {"base": RunInput(params.base, params.base_params)}
 
     def build(self, suite: Suite, params: FeatCalParams, ctx: BuildContext = BuildContext()) -> FeatCalModel:
-        return FeatCalModel(suite.build_encoder(), shared_state(ctx.input("base", self.name), self.name), suite.tasks, suite.make_heads())
+        base = ctx.input("base", self.name)
+        state = plain_state(base)
+        if state is None:
+            raise ConfigError(f"method {self.name!r}: the base must give one plain model (a static merge or adamerging), got a {type(base).__name__}")
+        return FeatCalModel(suite.build_encoder(), state, suite.tasks, suite.make_heads())
 
     def data_used(self, params: FeatCalParams, suite: Suite) -> dict[str, Any]:
         images = sum(min(params.calibration_images, len(suite.data[t].train_images if suite.data[t].train_images is not None else ())) for t in suite.tasks)
