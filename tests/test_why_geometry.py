@@ -10,6 +10,7 @@ from merging.geometry import (
     block_of,
     cosine_matrix,
     effective_rank,
+    kth_smallest,
     sign_conflicts,
     singular_values,
     spectra,
@@ -71,6 +72,14 @@ def test_ties_counts_equal_the_ties_vectors(tiny_suite, density):
     counts = ties_counts(tiny_suite.task_vectors(), density)
     for k, c in counts.items():
         assert torch.equal(c, sum((v[k] != 0).long() for v in kept)), k
+
+
+def test_kth_smallest_is_exact_with_ties_and_a_missed_bracket():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(30_000, generator=g), torch.zeros(5_000), torch.full((100,), 2.0)])
+    for k in (1, 17, 20_000, 30_001, 34_999, 35_050, 35_100):
+        assert kth_smallest(x, k, sample=1000) == x.kthvalue(k).values, k
+    assert kth_smallest(x, 20_000, sample=5) == x.kthvalue(20_000).values  # a 5-sample bracket: still exact
 
 
 def test_suite_geometry_is_cached(tiny_suite, tmp_path):
