@@ -68,10 +68,11 @@ def whatif_figure(engine: WhatIf, point: WhatIfPoint, task: str, title: str, pre
     points in its fixed PCA basis (individual and pretrained stay put; the merge's points move)."""
     s = sizes(presenter)
     fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.08,
-                        subplot_titles=(f"accuracy on {engine.n} test images per task (subsample)", f"{task}: final features, PCA (fixed basis)"))
+                        subplot_titles=(f"accuracy, {engine.n} test images per task: merged (bars), individual / pretrained (—)",
+                                        f"{task}: final features, PCA (fixed basis)"))
     tasks = engine.tasks
     fig.add_bar(x=tasks, y=[point.accuracy[t] for t in tasks], name="merged", marker_color=ROLE_COLOURS["merged"], row=1, col=1,
-                text=[f"{point.accuracy[t]:.0f}" for t in tasks], textposition="inside")
+                text=[f"{point.accuracy[t]:.0f}" for t in tasks], textposition="inside", insidetextanchor="start")
     for model, symbol in (("individual", "line-ew"), ("pretrained", "line-ew")):
         fig.add_scatter(x=tasks, y=[engine.reference_accuracy[model][t] for t in tasks], mode="markers", name=model, row=1, col=1,
                         marker=dict(symbol=symbol, size=s["marker"] * 3, line=dict(width=4, color=ROLE_COLOURS[model]), color=ROLE_COLOURS[model]))
@@ -85,7 +86,8 @@ def whatif_figure(engine: WhatIf, point: WhatIfPoint, task: str, title: str, pre
     fig.update_yaxes(title_text="accuracy (%)", range=[0, 100], row=1, col=1)
     fig.update_xaxes(showticklabels=False, row=1, col=2)
     fig.update_yaxes(showticklabels=False, row=1, col=2)
-    fig.update_layout(legend=dict(orientation="h", y=-0.15), uirevision="whatif")
+    fig.update_xaxes(tickangle=-30, row=1, col=1)
+    fig.update_layout(showlegend=False, uirevision="whatif")
     return styled(fig, title, presenter, height=380 if presenter else None)
 
 
@@ -117,8 +119,10 @@ def bias_figure(frame: pd.DataFrame, l1: pd.DataFrame, task: str, shown: tuple[s
     for model in l1.columns:
         fig.add_bar(x=list(l1.index), y=l1[model], name=f"{model} (L1)", marker_color=ROLE_COLOURS.get(model), row=1, col=2,
                     marker_line=dict(width=[3 if t == task else 0 for t in l1.index], color="black"))
-    fig.update_xaxes(showticklabels=False, row=1, col=1)
-    fig.update_yaxes(showticklabels=False, row=1, col=1)
+    pad = lambda lo, hi: [lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)]  # noqa: E731
+    # the whole fit's extent (every model, shown or not): steps 4 and 5 draw the same view, so the individual points do not move
+    fig.update_xaxes(showticklabels=False, range=pad(frame["x"].min(), frame["x"].max()), row=1, col=1)
+    fig.update_yaxes(showticklabels=False, range=pad(frame["y"].min(), frame["y"].max()), row=1, col=1)
     fig.update_yaxes(title_text="mean L1", row=1, col=2)
     fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.15))
     return styled(fig, title, presenter)
@@ -264,9 +268,9 @@ def fixes_figure(rows: pd.DataFrame, presenter: bool) -> go.Figure:
         return f"+{r['trainable']:,.0f} trainable · {r['seconds']:.0f} s · {r['uses']}"
 
     fig = go.Figure(go.Bar(
-        y=rows["title"], x=rows["average"], orientation="h", marker_color=[colours.get(m, "#6b7280") for m in rows.index],
-        text=[f"<b>{r['average']:.1f} %</b>  {adds(r)}" for _, r in rows.iterrows()], textposition="inside", insidetextanchor="start",
-        textfont=dict(color="white", size=s["font"] - 2), hovertemplate="%{y}: %{x:.1f} %<extra></extra>",
+        y=[f"<b>{r['title']}</b><br>{adds(r)}" for _, r in rows.iterrows()], x=rows["average"], orientation="h",
+        marker_color=[readable(colours.get(m, "#6b7280")) for m in rows.index], text=[f"{v:.1f} %" for v in rows["average"]],
+        textposition="inside", insidetextanchor="end", textfont=dict(color="white", size=s["font"]), hoverinfo="x+y",
     ))  # fmt: skip
     low = float(rows["average"].min())
     fig.update_layout(xaxis=dict(title="average accuracy (%), full test sets", range=[max(0.0, low - 25), 100]), showlegend=False,

@@ -18,8 +18,8 @@ TITLES = {**STEPS, 2: "Merging, live", 3: "The cost of one model for all tasks",
 BIAS_N, BIAS_PROJECTION = 300, "umap"  # steps 4-5 read the Representation-bias page's runs and features (each page fills the other's cache)
 
 ui.restore_from_url("tour-")
-if st.session_state.get("tour-step") not in STEPS:
-    st.session_state["tour-step"] = 1
+if st.session_state.get("tour-step") not in STEPS:  # the step indicator's labels differ in the presenter view (a new widget): keep the step
+    st.session_state["tour-step"] = st.session_state.get("_tour-step-shown", 1)
 presenter = st.session_state.get("tour-presenter", False)
 if presenter:
     ui_tour.presenter_css()
@@ -56,6 +56,7 @@ def prepared(configs: dict[str, RunConfig], key: str, what: str, features: Featu
 
 # -- header: Back, the step indicator, Next, the presenter toggle --------------------------------------------------------------
 step = st.session_state["tour-step"]
+st.session_state["_tour-step-shown"] = step
 if presenter:  # one row: Back, the step numbers, Next, the toggle; the step's title says where we are
     nav = st.columns([1.3, 6, 1.3, 2.2], vertical_alignment="center")
 else:

@@ -103,6 +103,8 @@ def walk(url: str, out: Path, browser) -> None:
         assert page.locator("[data-testid='stException']").count() == 0, f"step {step} shows an exception"
         page.set_viewport_size({"width": 1280, "height": 1100})  # the page scrolls inside the app: a taller window shows all of it
         page.wait_for_selector(IDLE, timeout=300_000)
+        page.mouse.move(800, 500)
+        page.mouse.wheel(0, -20_000)  # back to the top (a clicked button may have scrolled it)
         time.sleep(1.0)
         page.screenshot(path=str(out / f"tour_{step}.png"))
         page.set_viewport_size({"width": 1280, "height": 720})
