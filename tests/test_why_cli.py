@@ -1,5 +1,6 @@
 """``python -m merging why VIEW`` writes CSV and self-contained HTML; bad input is one line and exit code 2."""
 
+import numpy as np
 import pandas as pd
 
 from merging.cli import main
@@ -9,7 +10,7 @@ def test_why_geometry_and_lambda_plane_write_csv_and_html(micro_suite, micro_cac
     common = ["--suite", "micro", "--cache-dir", str(micro_cache), "--out", str(tmp_path), "--device", "cpu"]
     assert main(["why", "geometry", *common, "--merges", "task_arithmetic"]) == 0
     cosine = pd.read_csv(tmp_path / "micro_geometry_cosine.csv", index_col=0)
-    assert list(cosine.index) == micro_suite.tasks and (cosine.to_numpy().diagonal() == 1.0).all()
+    assert list(cosine.index) == micro_suite.tasks and np.allclose(cosine.to_numpy().diagonal(), 1.0, atol=1e-12)
     html = (tmp_path / "micro_geometry.html").read_text()
     assert html.count("plotly.js") >= 1 and "Task-vector geometry of micro" in html
     a, b = micro_suite.tasks[:2]
