@@ -17,3 +17,7 @@ $PY -m merging metrics --suite mini8 --methods "individual,task_arithmetic,surge
 $PY -m merging table --suite mini8 --preset "$PRESET" --normalized --csv "benchmarks/results/mini8_frontier_$PRESET.csv" --methods \
   pretrained,task_arithmetic,tsv_m,iso_c,iso_cts,cart,wudi,consensus,surgery:base=task_arithmetic,surgery:base=tsv_m,surgery:base=iso_c,surgery:base=iso_cts,surgery:base=cart,surgery:base=wudi,surgery:base=consensus,individual
 $PY -m merging metrics --suite mini8 --methods individual,task_arithmetic,tsv_m,iso_c,iso_cts,cart,wudi,consensus --reference individual --n 500 --csv benchmarks/results/mini8_bias_frontier.csv > /dev/null
+# Beyond one merged model (issue #18): the storage lane (TALL masks, EMR), FeatCal on three bases, Surgery/SurgeryV2, with each row's cost
+$PY -m merging table --suite mini8 --preset "$PRESET" --normalized --cost --csv "benchmarks/results/mini8_storage_featcal_$PRESET.csv" --methods \
+  pretrained,task_arithmetic,ties,tall_masks,tall_masks:vectors=ties,emr,featcal,featcal:base=ties,featcal:base=tsv_m,surgery:base=task_arithmetic,surgery:base=task_arithmetic\;version=2,surgery:base=ties,surgery:base=ties\;version=2,adamerging,wemoe,tinting,individual
+$PY -m merging metrics --suite mini8 --methods "individual,task_arithmetic,surgery:base=task_arithmetic,surgery:base=task_arithmetic;version=2,featcal,ties,surgery:base=ties,surgery:base=ties;version=2,featcal:base=ties" --reference individual --n 500 --layers --csv benchmarks/results/mini8_bias_fixes.csv > /dev/null

@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from merging.cli import main
+from merging.runs import RunConfig, run
 from merging.suites import get_suite, templates
 from merging.suites.clip.hf_keys import hf_vision_to_open_clip, open_clip_to_hf_clip, open_clip_vision_to_hf
 from merging.suites.clip.images import assign_labels
@@ -487,3 +488,42 @@ def test_a_config_suite_opens_in_the_app(world, capsys, monkeypatch):
     assert not at.exception, at.exception
     table = at.dataframe[0].value
     assert list(table.columns) == [*list(TASKS), "avg"] and "Task Arithmetic" in table.index
+
+
+def test_storage_lane_and_featcal_run_on_a_real_checkpoint_suite(world, capsys, tmp_path):
+    """TALL masks, EMR and FeatCal on the open_clip layout; FeatCal calibrates on a train folder beside the test folder."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(world.root / "data", data)
+    for task in TASKS:
+        shutil.copytree(data / task.lower() / "test", data / task.lower() / "train")
+    cfg = yaml.safe_load(world.configs["open_clip"].read_text())
+    cfg.update(data_root=str(data), pretrained=str(world.root / cfg["pretrained"]),
+               finetuned=str(world.root / cfg["finetuned"]) if isinstance(cfg["finetuned"], str) else cfg["finetuned"])
+    config = tmp_path / "with_train.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["suite", "check", str(config)]) == 0
+    assert "train images beside it" in capsys.readouterr().out
+    cache = tmp_path / "cache"
+    table = pd_read(main, config, cache, capsys, "tall_masks,emr,featcal:calibration_images=4,individual")
+    suite = get_suite(str(config), cache_dir=cache)
+    result = run(RunConfig(str(config), "featcal", {"calibration_images": 4}), suite, cache_dir=cache, device="cpu")
+    assert table["featcal(calibration_images=4)"]["split"] == "train" and table["featcal(calibration_images=4)"]["images"] == 4 * len(TASKS)
+    for task in TASKS:  # the CLI's table is the cached runs' numbers
+        assert table["featcal(calibration_images=4)"][task] == pytest.approx(result["accuracy"][task], abs=0.01)
+    assert result["data"] == {"split": "train", "images": 4 * len(TASKS)} and result["info"]["split"] == "train"
+    assert result["storage"]["extra_mb"] == 0.0
+    emr = run(RunConfig(str(config), "emr"), suite, cache_dir=cache, device="cpu")
+    assert table["emr"]["extra_mb"] == pytest.approx(emr["storage"]["extra_mb"], abs=0.01)
+    n_float = sum(v.numel() for v in suite.pretrained.values() if v.is_floating_point())
+    assert emr["storage"]["extra_mb"] == pytest.approx((4 * n_float + len(TASKS) * n_float / 8 + 4 * len(TASKS)) / 1e6, rel=1e-6)
+
+
+def pd_read(main, config: Path, cache: Path, capsys, methods: str) -> dict[str, dict[str, float]]:
+    import pandas as pd
+
+    csv = cache.parent / "lane.csv"
+    assert main(["table", "--suite", str(config), "--methods", methods, "--cache-dir", str(cache), "--cost", "--csv", str(csv)]) == 0
+    capsys.readouterr()
+    return pd.read_csv(csv, index_col=0).to_dict(orient="index")

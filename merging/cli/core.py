@@ -231,7 +231,7 @@ def baseline_table(suite_name: str, methods: list[str], ta_grid: list[float], ca
         rows[f"task_arithmetic(scaling={lam:g})"] = r["accuracy"]
         costs[f"task_arithmetic(scaling={lam:g})"] = {"extra_mb": 0.0, "images": 0, "split": "", "adapt_s": r["seconds"]["adapt"]}
     table = accuracy_table(rows, suite.tasks)
-    return table.join(pd.DataFrame(costs).T) if cost else table
+    return table.join(pd.DataFrame.from_dict(costs, orient="index")) if cost else table
 
 
 def cmd_table(args: argparse.Namespace) -> int:

@@ -382,15 +382,12 @@ def describe_skipped(data: FolderTaskData) -> str | None:
     return f"{data.name}: skipped " + "; ".join(parts) if parts else None
 
 
-def load_task_data(config: SuiteConfig, task: str, transform: tuple) -> FolderTaskData:
-    """The task's test split as a lazy ``FolderTaskData`` (nothing decoded until indexed)."""
-    pil, mean, std, size = transform
-    folder = data_folder(config, task)
+def _labelled_files(folder: Path, task: str, names: list[str] | None) -> tuple[list[Path], list[int], list[str], SplitListing]:
+    """A split folder's image files and labels (class folders matched to ``names``), its class names and listing."""
     listing = list_split(folder)
     skipped = f" (skipped {_some(listing.hidden + listing.other)})" if listing.hidden or listing.other else ""
     if not listing.classes:
         raise DataError(f"{folder}: no class folders{skipped}; expected {folder}/<class>/*.png|jpg")
-    names = _read_names(config.classnames[task]) if task in config.classnames else tpl.classnames(task)
     labels, classnames = assign_labels(task, listing.classes, names, str(folder))
     files, targets = [], []
     for cls, label in zip(listing.classes, labels, strict=True):
@@ -398,13 +395,30 @@ def load_task_data(config: SuiteConfig, task: str, transform: tuple) -> FolderTa
         targets += [label] * len(listing.files[cls])
     if not files:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders{skipped}")
+    return files, targets, classnames, listing
+
+
+def load_task_data(config: SuiteConfig, task: str, transform: tuple) -> FolderTaskData:
+    """The task's test split as a lazy ``FolderTaskData`` (nothing decoded until indexed), and its train split when a
+    ``train`` folder sits beside the test folder (read by methods that learn from unlabeled train images: FeatCal)."""
+    pil, mean, std, size = transform
+    folder = data_folder(config, task)
+    names = _read_names(config.classnames[task]) if task in config.classnames else tpl.classnames(task)
+    files, targets, classnames, listing = _labelled_files(folder, task, names)
     keep = _evenly(len(files), config.limit)
     images = ImageFiles([files[i] for i in keep], pil, size)
+    train_images = train_labels = None
+    train = folder.parent / "train"
+    if folder.name != "train" and train.is_dir():
+        train_files, train_targets, _, _ = _labelled_files(train, task, classnames)
+        train_images, train_labels = ImageFiles(train_files, pil, size), torch.tensor(train_targets)
     return FolderTaskData(
         task,
         classnames,
         images,
         torch.tensor([targets[i] for i in keep]),
+        train_images,
+        train_labels,
         channel_mean=mean,
         channel_std=std,
         folder=str(folder),

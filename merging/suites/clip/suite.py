@@ -91,7 +91,8 @@ def check_suite(config: SuiteConfig) -> list[tuple[bool, str]]:
     zero_shot = []
     for t in tasks:
         attempt(lambda t=t: load_finetuned(config, t, reference, proj) and None, f"{t}: fine-tuned checkpoint fits {arch}")
-        data = attempt(lambda t=t: load_task_data(config, t, transform), lambda d: f"{d.name}: {len(d.test_images)} test images, {d.num_classes} classes in {d.folder}")
+        data = attempt(lambda t=t: load_task_data(config, t, transform), lambda d: f"{d.name}: {len(d.test_images)} test images, {d.num_classes} classes in {d.folder}"
+                       + (f"; {len(d.train_images)} train images beside it" if d.train_images is not None else ""))
         if data is not None:
             report.extend(_data_lines(data))
         try:
