@@ -207,7 +207,24 @@ def plain_state(model: MultiTaskModel) -> StateDict | None:
     return None
 
 
-class PerTaskModel(MultiTaskModel):
+class TaskStateModel(MultiTaskModel):
+    """Base class: one encoder module run by ``functional_call`` with the weights ``state_for(task, device)`` gives."""
+
+    encoder: nn.Module
+
+    def state_for(self, task: str, device: torch.device) -> StateDict:
+        raise NotImplementedError
+
+    def encode(self, images: torch.Tensor, task: str) -> torch.Tensor:
+        self.check_task(task)
+        return functional_call(self.encoder, self.state_for(task, images.device), (images,))
+
+    def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
+        self.check_task(task)
+        return encoder_block_features(self.encoder, images, self.state_for(task, images.device))
+
+
+class PerTaskModel(TaskStateModel):
     """One encoder state per task run through one module by ``functional_call``: the individual models.
 
     Holds state dicts, not module copies, so T tasks cost T sets of weights and one module. With
@@ -241,14 +258,6 @@ class PerTaskModel(MultiTaskModel):
             self._resident = (task, device, {k: v.to(device, non_blocking=True) for k, v in state.items()})
         return self._resident[2]
 
-    def encode(self, images: torch.Tensor, task: str) -> torch.Tensor:
-        self.check_task(task)
-        return functional_call(self.encoder, self.state_for(task, images.device), (images,))
-
-    def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
-        self.check_task(task)
-        return encoder_block_features(self.encoder, images, self.state_for(task, images.device))
-
     def stored_tensors(self) -> list[torch.Tensor]:
         """The T encoder states and the heads; the module's own weights only give the architecture."""
         return [*self.heads.parameters(), *(v for s in self.states.values() for v in s.values())]
@@ -257,7 +266,7 @@ class PerTaskModel(MultiTaskModel):
         return {f"{t}/{k}": v for t, s in self.states.items() for k, v in s.items()}
 
 
-class MaskedTaskModel(MultiTaskModel):
+class MaskedTaskModel(TaskStateModel):
     """Storage-lane models that need the task id: θ_t = θ₀ + s_t·(m_t ⊙ v) (algorithms_frontier.md §6, §7).
 
     One shared float vector ``v`` (TALL masks: τ_MTL; EMR: the unified task vector τ_uni), one boolean mask
@@ -294,14 +303,6 @@ class MaskedTaskModel(MultiTaskModel):
             self._resident = None
             self._resident = (task, device, {k: v.to(device) for k, v in self.task_state(task).items()})
         return self._resident[2]
-
-    def encode(self, images: torch.Tensor, task: str) -> torch.Tensor:
-        self.check_task(task)
-        return functional_call(self.encoder, self.state_for(task, images.device), (images,))
-
-    def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
-        self.check_task(task)
-        return encoder_block_features(self.encoder, images, self.state_for(task, images.device))
 
     def stored_tensors(self) -> list[torch.Tensor]:
         scalars = torch.tensor([self.scales[t] for t in self.tasks])
