@@ -18,8 +18,20 @@ TITLES = {**STEPS, 2: "Merging, live", 3: "The cost of one model for all tasks",
 BIAS_N, BIAS_PROJECTION = 300, "umap"  # steps 4-5 read the Representation-bias page's runs and features (each page fills the other's cache)
 
 ui.restore_from_url("tour-")
-if st.session_state.get("tour-step") not in STEPS:  # the step indicator's labels differ in the presenter view (a new widget): keep the step
-    st.session_state["tour-step"] = st.session_state.get("_tour-step-shown", 1)
+
+
+def current_step() -> int:
+    """The step in Session State as an int: the indicator's labels differ in the presenter view (a new widget), whose
+    value can come back as its label, or not at all; then the step last shown."""
+    raw = st.session_state.get("tour-step", st.session_state.get("_tour-step-shown", 1))
+    try:
+        chosen = int(str(raw).split()[0])
+    except ValueError:
+        chosen = st.session_state.get("_tour-step-shown", 1)
+    return chosen if chosen in STEPS else 1
+
+
+st.session_state["tour-step"] = current_step()
 presenter = st.session_state.get("tour-presenter", False)
 if presenter:
     ui_tour.presenter_css()
@@ -34,7 +46,7 @@ def paper(method: str) -> str:
 
 
 def go(delta: int) -> None:
-    st.session_state["tour-step"] = min(max(st.session_state["tour-step"] + delta, 1), len(STEPS))
+    st.session_state["tour-step"] = min(max(current_step() + delta, 1), len(STEPS))
 
 
 def prepared(configs: dict[str, RunConfig], key: str, what: str, features: FeaturesRequest | None = None, ready: bool | None = None) -> dict | None:

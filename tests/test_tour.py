@@ -73,6 +73,9 @@ def test_tour_walks_seven_steps_and_the_slider_rescores(bias_cache, micro_suite)
     assert not at.exception
     assert any("stSidebar" in m.value for m in at.markdown)  # the presenter view's style hides the sidebar
     assert not at.title  # one figure per screen: no page title above the step
+    at.button(key="tourbtn-back").click().run()  # the step indicator changed labels: the step is kept, and moves
+    assert not at.exception, at.exception
+    assert at.subheader[0].value.startswith("Step 5 of 7")
 
 
 def test_step_seven_finding_is_computed_from_the_curves():
