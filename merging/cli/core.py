@@ -45,14 +45,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "merge",
-        help="merge your own state-dict checkpoints into one file",
-        description="Merge plain state dicts (safetensors, or .pt loaded with weights_only=True) key by key.",
+        help="merge your own checkpoints (state dicts or Hugging Face CLIP folders) into one",
+        description="Merge plain state dicts (safetensors, or .pt loaded with weights_only=True) key by key, or Hugging Face "
+        "CLIP checkpoints (FusionBench's experts: CLIPModel/CLIPVisionModel folders or safetensors files with HF keys), "
+        "whose vision towers are merged and written as a CLIPVisionModel.",
     )
     p.add_argument("--method", required=True, help="weight_averaging, task_arithmetic or ties")
-    p.add_argument("--pretrained", required=True, help="the pretrained checkpoint")
-    p.add_argument("--finetuned", nargs="*", default=[], metavar="NAME=PATH", help="fine-tuned checkpoints, one per task")
+    p.add_argument("--pretrained", required=True, help="the pretrained checkpoint: a state dict, or an HF CLIPModel/CLIPVisionModel folder or file")
+    p.add_argument("--finetuned", nargs="*", default=[], metavar="NAME=PATH", help="fine-tuned checkpoints, one per task (HF CLIPVisionModel folders or files too)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter, e.g. scaling=0.3 (repeat the flag)")
-    p.add_argument("--out", required=True, help="output file (.safetensors)")
+    p.add_argument("--out", required=True, help="output: a .safetensors/.pt file (a state dict), or, for HF inputs, a folder "
+                   "(any other name) written as an HF CLIPVisionModel (config.json + model.safetensors)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("run", help="run one method on a suite (cached by its key) and print per-task accuracy")

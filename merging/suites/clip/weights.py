@@ -119,19 +119,9 @@ def _check_arch(reference: Mapping[str, torch.Tensor], state: Mapping[str, torch
 
 # ------------------------------------------------------------------------------------- weights files
 def _read_file_or_folder(path: Path) -> StateDict:
-    if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(load_json(index)["weight_map"].values()))
-            state: StateDict = {}
-            for shard in shards:
-                state.update(load_state_dict(path / shard))
-            return state
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (path / name).is_file():
-                return load_state_dict(path / name)
-        raise CheckpointError(f"{path}: folder holds no model.safetensors or pytorch_model.bin")
-    return load_state_dict(path)
+    from merging.hf_export import read_folder  # here: hf_export imports this package's hf_keys
+
+    return read_folder(path) if path.is_dir() else load_state_dict(path)
 
 
 def read_weights(path: Path) -> tuple[StateDict, str]:
