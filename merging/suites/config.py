@@ -7,6 +7,7 @@ Example (task_vectors checkpoints converted once with ``python -m merging conver
     model: ViT-B-32               # an open_clip architecture name
     root: converted/ViT-B-32      # the folder `convert` wrote
     data_root: data               # <data_root>/<task>/test/<class>/*.png|jpg
+    data_format: folders          # folders | hf_disk (save_to_disk) | parquet; image_column/label_column: image/label
     tasks: [SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD]
 
 Relative paths resolve against the config file's folder. ``python -m merging suite check CONFIG``
@@ -25,6 +26,7 @@ from merging.errors import ConfigError, first_line
 
 LAYOUTS = ("task_vectors", "hf", "open_clip")
 HEAD_MODES = ("auto", "files", "zeroshot")
+DATA_FORMATS = ("folders", "hf_disk", "parquet")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
 
 
@@ -58,6 +60,13 @@ class SuiteConfig:
     templates: dict[str, tuple[str, ...]] = field(default_factory=dict)
     limit: int | None = None
     """Use at most this many test images per task (evenly spaced), for quick looks."""
+    data_format: str = "folders"
+    """folders: ``<data_root>/<task>/<split>/<class>/*``; hf_disk: a dataset saved with ``save_to_disk``
+    (``<task>/<split>/`` or ``<task>/``); parquet: ``<task>/<split>/*.parquet``, ``<task>/<split>.parquet`` or ``<task>/data/<split>-*.parquet``."""
+    image_column: str = "image"
+    """hf_disk/parquet: the column of encoded images (HF's ``Image`` feature, or raw bytes)."""
+    label_column: str = "label"
+    """hf_disk/parquet: the column of integer class indices (its ``ClassLabel`` names become the class names)."""
 
 
 _KEYS = {f for f in SuiteConfig.__dataclass_fields__ if f != "path"}
@@ -134,6 +143,12 @@ def load_config(path: str | Path) -> SuiteConfig:
     limit = raw.get("limit")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"{path}: 'limit' must be a positive integer, got {limit!r}")
+    data_format = raw.get("data_format", "folders")
+    if data_format not in DATA_FORMATS:
+        raise ConfigError(f"{path}: data_format {data_format!r} is not one of {', '.join(DATA_FORMATS)}")
+    for key in ("image_column", "label_column"):
+        if key in raw and (not isinstance(raw[key], str) or not raw[key]):
+            raise ConfigError(f"{path}: {key!r} must be a column name, got {raw[key]!r}")
     quick_gelu = raw.get("quick_gelu")
     if quick_gelu is not None and not isinstance(quick_gelu, bool):
         raise ConfigError(f"{path}: 'quick_gelu' must be true or false, got {quick_gelu!r}")
@@ -174,4 +189,7 @@ def load_config(path: str | Path) -> SuiteConfig:
         classnames=_per_task(base, raw.get("classnames"), "classnames", tasks, path),
         templates={t: tuple(v) for t, v in templates.items()},
         limit=limit,
+        data_format=data_format,
+        image_column=raw.get("image_column", "image"),
+        label_column=raw.get("label_column", "label"),
     )

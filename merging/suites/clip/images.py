@@ -223,6 +223,15 @@ def val_transform(model: nn.Module) -> tuple[Callable, tuple, tuple, tuple[int, 
     return Compose(pil), tuple(normalize.mean), tuple(normalize.std), (int(size[0]), int(size[1]))
 
 
+def task_names(task: str) -> list[str]:
+    """The folder names a task's data may have: as written, lower-cased, its canonical name and aliases."""
+    canonical = tpl.canonical_task(task)
+    names = [task, task.lower()]
+    if canonical:
+        names += [canonical, canonical.lower(), *(a for a, c in tpl.ALIASES.items() if c == canonical)]
+    return list(dict.fromkeys(names))
+
+
 def data_folder(config: SuiteConfig, task: str) -> Path:
     """``<data_root>/<task>/<split>``, trying the task's usual spellings (``DTD``, ``dtd``, ``stanford_cars`` ...)."""
     if task in config.data_folders:
@@ -230,12 +239,8 @@ def data_folder(config: SuiteConfig, task: str) -> Path:
         if not folder.is_dir():
             raise DataError(f"{folder}: data folder of task {task!r} does not exist")
         return folder
-    canonical = tpl.canonical_task(task)
-    names = [task, task.lower()]
-    if canonical:
-        names += [canonical, canonical.lower(), *(a for a, c in tpl.ALIASES.items() if c == canonical)]
     tried = []
-    for name in dict.fromkeys(names):
+    for name in task_names(task):
         folder = config.data_root / name / config.split
         if folder.is_dir():
             return folder
@@ -400,7 +405,12 @@ def _labelled_files(folder: Path, task: str, names: list[str] | None) -> tuple[l
 
 def load_task_data(config: SuiteConfig, task: str, transform: tuple) -> FolderTaskData:
     """The task's test split as a lazy ``FolderTaskData`` (nothing decoded until indexed), and its train split when a
-    ``train`` folder sits beside the test folder (read by methods that learn from unlabeled train images: FeatCal)."""
+    ``train`` folder sits beside the test folder (read by methods that learn from unlabeled train images: FeatCal).
+    Other ``data_format``s (a saved HF dataset, parquet files) are read by ``datasets.load_dataset_task``."""
+    if config.data_format != "folders":
+        from merging.suites.clip.datasets import load_dataset_task
+
+        return load_dataset_task(config, task, transform)
     pil, mean, std, size = transform
     folder = data_folder(config, task)
     names = _read_names(config.classnames[task]) if task in config.classnames else tpl.classnames(task)

@@ -15,6 +15,7 @@ import torch
 from merging.errors import MergeLensError
 from merging.progress import ProgressFn, track
 from merging.suites.base import Suite
+from merging.suites.clip.datasets import DatasetTaskData, ImageRows
 from merging.suites.clip.heads import head_path, load_head, text_state, zero_shot_heads
 from merging.suites.clip.images import FolderTaskData, describe_skipped, load_task_data, unreadable_images, val_transform
 from merging.suites.clip.weights import (
@@ -91,8 +92,7 @@ def check_suite(config: SuiteConfig) -> list[tuple[bool, str]]:
     zero_shot = []
     for t in tasks:
         attempt(lambda t=t: load_finetuned(config, t, reference, proj) and None, f"{t}: fine-tuned checkpoint fits {arch}")
-        data = attempt(lambda t=t: load_task_data(config, t, transform), lambda d: f"{d.name}: {len(d.test_images)} test images, {d.num_classes} classes in {d.folder}"
-                       + (f"; {len(d.train_images)} train images beside it" if d.train_images is not None else ""))
+        data = attempt(lambda t=t: load_task_data(config, t, transform), _data_summary)
         if data is not None:
             report.extend(_data_lines(data))
         try:
@@ -109,14 +109,26 @@ def check_suite(config: SuiteConfig) -> list[tuple[bool, str]]:
     return report
 
 
+def _data_summary(d: FolderTaskData) -> str:
+    """``suite check``'s line for a task's data: images, classes, and for table datasets the label range and the names' origin."""
+    train = f"; {len(d.train_images)} train images beside it" if d.train_images is not None else ""
+    if isinstance(d, DatasetTaskData):
+        return (f"{d.name}: {len(d.test_images)} test images, {d.num_classes} classes (names from {d.names_from}), "
+                f"labels {int(d.test_labels.min())}..{int(d.test_labels.max())} in {d.folder} ({d.data_format}){train}")
+    return f"{d.name}: {len(d.test_images)} test images, {d.num_classes} classes in {d.folder}{train}"
+
+
 def _data_lines(data: FolderTaskData, shown: int = 5) -> list[tuple[bool, str]]:
     """What the data folder held besides classes and images (ok, informational), and whether every counted image decodes."""
     lines = []
     skipped = describe_skipped(data)
     if skipped:
         lines.append((True, skipped))
-    files = data.test_images.files
-    bad = unreadable_images(files)
+    if isinstance(data.test_images, ImageRows):
+        files, bad = data.test_images.rows, data.test_images.unreadable()
+    else:
+        files = data.test_images.files
+        bad = unreadable_images(files)
     if not bad:
         return [*lines, (True, f"{data.name}: all {len(files)} images decode")]
     named = ", ".join(f"{path} ({why})" for path, why in bad[:shown])
