@@ -118,8 +118,50 @@ class SweepJob:
         return cls(SweepConfig.from_dict(d["sweep"]), d.get("device"), d.get("executor", "local"), int(d.get("workers", 1)), d.get("address"))
 
 
-Job = SuiteJob | RunsJob | SweepJob
-JOB_TYPES: dict[str, type] = {t.kind: t for t in (SuiteJob, RunsJob, SweepJob)}
+@dataclass(frozen=True)
+class ViewJob:
+    """One of the "Why merges fail" views that is computed, not read off runs: the task-vector geometry, the λ plane
+    of a task pair (``tasks``), or every pair's merge and metrics. Its output is the view's own cache entry."""
+
+    kind: ClassVar[str] = "view"
+    suite: str
+    view: str
+    tasks: tuple[str, ...] = ()
+    device: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "suite": self.suite, "view": self.view, "tasks": list(self.tasks), "device": self.device}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ViewJob:
+        if d.get("view") not in VIEWS:
+            raise ConfigError(f"unknown view {d.get('view')!r}; known: {', '.join(VIEWS)}")
+        return cls(d["suite"], d["view"], tuple(d.get("tasks") or ()), d.get("device"))
+
+
+def _view_geometry(job: ViewJob, suite: Suite, cache_dir: str | Path, progress: ProgressFn) -> Any:
+    from merging.geometry import suite_geometry
+
+    return suite_geometry(suite, cache_dir=cache_dir, progress=progress)
+
+
+def _view_lambda_plane(job: ViewJob, suite: Suite, cache_dir: str | Path, progress: ProgressFn) -> Any:
+    from merging.lambda_plane import lambda_plane
+
+    return lambda_plane(suite, *job.tasks, cache_dir=cache_dir, device=job.device, progress=progress)
+
+
+def _view_pairs(job: ViewJob, suite: Suite, cache_dir: str | Path, progress: ProgressFn) -> Any:
+    from merging.pair_metrics import pair_table
+
+    return pair_table(suite, cache_dir=cache_dir, device=job.device, progress=progress)
+
+
+VIEWS = {"geometry": _view_geometry, "lambda_plane": _view_lambda_plane, "pairs": _view_pairs}
+
+
+Job = SuiteJob | RunsJob | SweepJob | ViewJob
+JOB_TYPES: dict[str, type] = {t.kind: t for t in (SuiteJob, RunsJob, SweepJob, ViewJob)}
 
 
 def job_from_dict(d: Mapping[str, Any]) -> Job:
@@ -190,7 +232,7 @@ def start(job: Job | Mapping[str, Any], cache_dir: str | Path = "cache", restart
     rebuilt from a new recipe, or part of ``cache/`` was deleted) and the job runs again instead of being
     reported done forever. Its cached parts are read back, so a re-run only computes what is missing.
     """
-    if not isinstance(job, SuiteJob | RunsJob | SweepJob):
+    if not isinstance(job, SuiteJob | RunsJob | SweepJob | ViewJob):
         job = job_from_dict(job)
     spec = job.to_dict()
     jid = job_id(job)
@@ -277,7 +319,7 @@ def _write(folder: Path, status: dict) -> None:
 # ------------------------------------------------------------------------------------- the worker
 def execute(job: Job | Mapping[str, Any], cache_dir: str | Path, progress: ProgressFn) -> Any:
     """Do the work of a job in this process; returns a JSON-able result."""
-    if not isinstance(job, SuiteJob | RunsJob | SweepJob):
+    if not isinstance(job, SuiteJob | RunsJob | SweepJob | ViewJob):
         job = job_from_dict(job)
     features = job.features if isinstance(job, RunsJob) else None
     if features and features.projection == "umap":
@@ -292,6 +334,9 @@ def execute(job: Job | Mapping[str, Any], cache_dir: str | Path, progress: Progr
     if isinstance(job, SweepJob):
         done = run_sweep(job.sweep, suite, cache_dir, job.device, job.executor, job.workers, job.address, progress)
         return {"sweep": done.id, "computed": done.computed, "cached": done.cached}
+    if isinstance(job, ViewJob):
+        VIEWS[job.view](job, suite, cache_dir, progress)
+        return {"view": job.view, "tasks": list(job.tasks)}
     return execute_runs(job, suite, cache_dir, progress)
 
 

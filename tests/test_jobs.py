@@ -5,6 +5,7 @@ import time
 import pytest
 
 from merging import jobs
+from merging.errors import ConfigError
 from merging.jobs import FeaturesRequest, RunsJob, SuiteJob, SweepJob
 from merging.runs import RunConfig, cached_result
 from merging.sweeps import SweepConfig
@@ -172,3 +173,19 @@ def test_two_processes_needing_the_same_run_compute_it_once(tmp_path, monkeypatc
         t.join()
     assert computed == [1] and out[0] == out[1]
     assert "waiting for another process computing this run" in waited
+
+
+def test_view_job_computes_a_why_view_into_its_cache(micro_suite, micro_cache):
+    """The "Why merges fail" page's computed views run as ordinary jobs; the job leaves exactly the entry the page reads."""
+    from merging.geometry import DEFAULT_MERGES, geometry_path, suite_geometry
+
+    job = jobs.ViewJob("micro", "geometry")
+    assert jobs.job_from_dict(job.to_dict()) == job and jobs.job_id(job) != jobs.job_id(jobs.ViewJob("micro", "pairs"))
+    with pytest.raises(ConfigError, match="unknown view 'nope'"):
+        jobs.job_from_dict({**job.to_dict(), "view": "nope"})
+    target = geometry_path(micro_suite, DEFAULT_MERGES, 0.2, 0.4, micro_cache)
+    target.unlink(missing_ok=True)
+    assert jobs.execute(job, micro_cache, lambda f, m: None) == {"view": "geometry", "tasks": []}
+    assert target.is_file()
+    cosine = suite_geometry(micro_suite, cache_dir=micro_cache).cosine
+    assert cosine.shape == (3, 3) and all(abs(cosine.iloc[i, i] - 1) < 1e-6 for i in range(3))
