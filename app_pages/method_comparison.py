@@ -1,5 +1,6 @@
-"""Method comparison: per-task accuracy of WEMoE vs Model Tinting vs Surgery vs the baselines, their cost,
-WEMoE's routing, Tinting's confidence filter and the cross-task (encoder x head) matrix."""
+"""Method comparison: per-task accuracy of every method side by side (single merges, the storage lane, Surgery, FeatCal,
+WEMoE, Model Tinting), accuracy against what each adds (storage, data, time) with the Pareto front, WEMoE's routing,
+Tinting's confidence filter and the cross-task (encoder x head) matrix."""
 
 import numpy as np
 import pandas as pd

@@ -23,8 +23,8 @@ BASES += [m for m in ("adamerging",) if m in METHODS]  # a data-dependent base w
 PROJECTIONS = ["umap", "tsne", "pca"]
 VIEWS = {"before": ["individual", "merged"], "after Surgery": ["individual", "merged + Surgery"],
          "after FeatCal": ["individual", "merged + FeatCal"], "all": ["individual", "merged", "merged + Surgery", "merged + FeatCal"]}
+# The bias fixes the grouped chart compares on each base merge (ProbSurgery's per-task bias figure)
 FIXES = {"": None, " + Surgery": ("surgery", {}), " + SurgeryV2": ("surgery", {"version": 2}), " + FeatCal": ("featcal", {})}
-"""The bias fixes the grouped chart compares on each base merge (ProbSurgery's per-task bias figure)."""
 COLOURS = ["model", "class"]
 controls = st.container()  # the widgets are drawn into it after the scatter, so that the browser starts loading Plotly first
 
