@@ -14,16 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import merging.suites.templates as tpl
-from merging.errors import CheckpointError, ConfigError, DataError
-from merging.hashing import Digest, state_digest
+from merging.errors import CheckpointError, ConfigError, DataError, first_line
+from merging.hashing import Digest, file_digest, state_digest
 from merging.io import check_compatible, load_state_dict, read_cached
 from merging.progress import ProgressFn, track
 from merging.suites.clip.hf_keys import hf_clip_to_open_clip
 from merging.suites.clip.weights import Pretrained, StateDict, create_clip, describe, read_weights, unwrap
 from merging.suites.config import SuiteConfig
 
-HEADS_FORMAT = 2
-"""Version of the zero-shot heads cache key; 2: keyed by every byte of the text tower (``state_digest``)."""
+HEADS_FORMAT = 3
+"""Version of the zero-shot heads cache key; 2: keyed by every byte of the text tower (``state_digest``); 3: and by the tokenizer."""
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+"""What ``save_pretrained`` writes for a CLIP tokenizer; their bytes key the heads cache when the tokenizer is an HF one."""
 HEAD_KEYS = ("weight", "bias")
 
 
@@ -114,8 +116,90 @@ def text_state(config: SuiteConfig, pretrained: Pretrained, model: nn.Module | N
     return state, where
 
 
-def heads_key(config: SuiteConfig, text: Mapping[str, torch.Tensor], quick_gelu: bool, blob: Mapping) -> str:
-    """The zero-shot heads' cache key: every byte of the text tower, the architecture, the activation, classes and templates.
+class Tokenizer:
+    """Texts -> token ids [B, context_length] as open_clip's ``encode_text`` expects (zero padded, end-of-text kept).
+
+    ``folder``: a CLIPModel folder's own HF tokenizer (``tokenizer.json``, or ``vocab.json`` + ``merges.txt``,
+    read by transformers' ``CLIPTokenizer`` from local files only); None: open_clip's tokenizer for ``arch``.
+    ``identity`` names it in the heads cache key (the tokenizer files' digests for an HF one).
+    """
+
+    def __init__(self, arch: str, context_length: int, folder: Path | None = None):
+        self.folder, self.context_length = folder, context_length
+        if folder is None:
+            import open_clip
+
+            self._open_clip = open_clip.get_tokenizer(arch)
+            self.identity = f"open_clip:{arch}:{type(self._open_clip).__name__}"
+            self.name = "open_clip's default tokenizer"
+            return
+        from transformers import CLIPTokenizer
+
+        try:
+            self._hf = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as e:  # transformers raises OSError/ValueError for incomplete or foreign tokenizer files
+            raise ConfigError(f"{folder}: its tokenizer files do not load as a CLIP tokenizer ({first_line(e)}); fix or remove them") from None
+        files = sorted(n for n in TOKENIZER_FILES if (folder / n).is_file())
+        self.identity = Digest("hf-tokenizer", files, [file_digest(folder / n) for n in files]).hexdigest()
+        self.name = f"the tokenizer saved in {folder}"
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.folder is None:
+            return self._open_clip(list(texts))
+        ids = self._hf(list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt")["input_ids"]
+        eot = self._hf.eos_token_id
+        pad = self._hf.pad_token_id
+        ids = ids.masked_fill((ids == pad) & (pad != eot), 0) if pad is not None else ids
+        cut = ~(ids == eot).any(dim=1)
+        ids[cut, -1] = eot  # truncated: keep the end-of-text token last, as open_clip's tokenizer does
+        return ids.long()
+
+
+def tokenizer_folder(source: Path | None) -> Path | None:
+    """The folder whose saved HF tokenizer goes with the text weights at ``source`` (a CLIPModel folder, or the
+    folder of a weights file with ``config.json`` beside it), or None when no tokenizer is saved there."""
+    if source is None:
+        return None
+    folder = source if source.is_dir() else source.parent
+    if not source.is_dir() and not (folder / "config.json").is_file():
+        return None
+    if (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        return folder
+    return None
+
+
+def text_source(config: SuiteConfig, pretrained: Pretrained) -> Path | None:
+    """The file or folder the text tower is read from (``text_state``'s choice)."""
+    return config.pretrained if pretrained.clip is not None else config.text_weights
+
+
+def make_tokenizer(config: SuiteConfig, pretrained: Pretrained, text: Mapping[str, torch.Tensor]) -> Tokenizer:
+    """The tokenizer saved beside the text weights if any, else open_clip's for the architecture."""
+    return Tokenizer(config.model, int(text["positional_embedding"].shape[0]), tokenizer_folder(text_source(config, pretrained)))
+
+
+def check_tokens(tokenizer: Tokenizer, blob: Mapping[str, Mapping], vocab: int, where: str) -> None:
+    """Every prompt's token ids fit the text tower's ``vocab`` rows, or a one-line ``ConfigError`` (never an IndexError later)."""
+    for task, b in blob.items():
+        texts = [t.format(c=c) for c in b["classnames"] for t in b["templates"]]
+        for i in range(0, len(texts), 1024):
+            ids = tokenizer(texts[i : i + 1024])
+            top = int(ids.max())
+            if top >= vocab:
+                bad = texts[i + int((ids >= vocab).any(dim=1).nonzero()[0])]
+                raise ConfigError(
+                    f"{where}: {tokenizer.name} gives token id {top} for task {task!r} ({bad!r}) but the text tower has {vocab} tokens; "
+                    "save the checkpoint's own tokenizer beside it (tokenizer.json) or use text weights of the matching vocabulary"
+                )
+
+
+def prompt_blob(config: SuiteConfig, tasks: Mapping[str, Sequence[str]]) -> dict[str, dict[str, list[str]]]:
+    """{task: {classnames, templates}} as the zero-shot heads are built from them."""
+    return {t: {"classnames": list(c), "templates": list(config.templates.get(t) or tpl.templates(t))} for t, c in tasks.items()}
+
+
+def heads_key(config: SuiteConfig, text: Mapping[str, torch.Tensor], quick_gelu: bool, blob: Mapping, tokenizer: str = "") -> str:
+    """The zero-shot heads' cache key: every byte of the text tower, the architecture, the activation, classes, templates and tokenizer.
 
     Only the text tower (every key but ``visual.*``) and what shapes its forward pass determine the heads;
     ``state_digest`` reads every byte, so two towers that differ anywhere (even by a permutation) never share heads.
@@ -124,7 +208,7 @@ def heads_key(config: SuiteConfig, text: Mapping[str, torch.Tensor], quick_gelu:
 
     tower = {k: v for k, v in text.items() if not k.startswith("visual.")}
     arch = open_clip.get_model_config(config.model)
-    return Digest(HEADS_FORMAT, config.model, arch, quick_gelu, state_digest(tower), blob).hexdigest()
+    return Digest(HEADS_FORMAT, config.model, arch, quick_gelu, state_digest(tower), blob, tokenizer).hexdigest()
 
 
 def _read_heads(path: Path, tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -144,7 +228,6 @@ def zero_shot_heads(
     progress: ProgressFn | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Zero-shot heads of ``tasks`` ({task: classnames}), cached by text weights, class names and templates."""
-    import open_clip
     from safetensors.torch import save_file
 
     from merging.device import default_device
@@ -158,15 +241,16 @@ def zero_shot_heads(
         model.load_state_dict({k: v for k, v in text.items() if not k.startswith("visual.")}, strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"{where}: does not fit the {config.model} text tower ({str(e).splitlines()[0]})") from None
-    blob = {t: {"classnames": list(c), "templates": list(config.templates.get(t) or tpl.templates(t))} for t, c in tasks.items()}
-    key = heads_key(config, text, pretrained.quick_gelu, blob)
+    blob = prompt_blob(config, tasks)
+    tokenizer = make_tokenizer(config, pretrained, text)
+    check_tokens(tokenizer, blob, int(text["token_embedding.weight"].shape[0]), where)
+    key = heads_key(config, text, pretrained.quick_gelu, blob, tokenizer.identity)
     path = Path(cache_dir) / "suites" / "heads" / f"{config.model}-{key}.safetensors"
     cached = read_cached(path, lambda p: _read_heads(p, list(tasks)), "zero-shot heads cache")
     if cached is not None:
         return cached
     device = device or default_device()
     model.to(device)
-    tokenizer = open_clip.get_tokenizer(config.model)
     heads = {t: zero_shot_head(model, tokenizer, b["classnames"], b["templates"], device) for t, b in track(blob.items(), desc="zero-shot heads", progress=progress)}
     flat = {f"{t}/{k}": v.contiguous() for t, h in heads.items() for k, v in h.items()}
     atomic_write(path, lambda tmp: save_file(flat, tmp))

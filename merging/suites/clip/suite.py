@@ -16,7 +16,7 @@ from merging.errors import MergeLensError
 from merging.progress import ProgressFn, track
 from merging.suites.base import Suite
 from merging.suites.clip.datasets import DatasetTaskData, ImageRows
-from merging.suites.clip.heads import head_path, load_head, text_state, zero_shot_heads
+from merging.suites.clip.heads import check_tokens, head_path, load_head, make_tokenizer, prompt_blob, text_state, zero_shot_heads
 from merging.suites.clip.images import FolderTaskData, describe_skipped, load_task_data, unreadable_images, val_transform
 from merging.suites.clip.weights import (
     create_clip,
@@ -90,10 +90,12 @@ def check_suite(config: SuiteConfig) -> list[tuple[bool, str]]:
     pretrained = attempt(lambda: load_pretrained(config, reference), f"pretrained checkpoint fits {arch}")
     proj = pretrained.visual.get("proj") if pretrained is not None else reference.get("proj")
     zero_shot = []
+    classnames: dict[str, list[str]] = {}
     for t in tasks:
         attempt(lambda t=t: load_finetuned(config, t, reference, proj) and None, f"{t}: fine-tuned checkpoint fits {arch}")
         data = attempt(lambda t=t: load_task_data(config, t, transform), _data_summary)
         if data is not None:
+            classnames[t] = data.classnames
             report.extend(_data_lines(data))
         try:
             path = head_path(config, t)
@@ -105,8 +107,19 @@ def check_suite(config: SuiteConfig) -> list[tuple[bool, str]]:
         elif data is not None:
             attempt(lambda p=path, d=data: load_head(p, d.num_classes, dim, f"data folder {d.folder}"), f"{t}: head {path} matches the data")
     if zero_shot and pretrained is not None:
-        attempt(lambda: text_state(config, pretrained) and None, f"zero-shot heads from the text tower for: {', '.join(zero_shot)}")
+        text = attempt(lambda: text_state(config, pretrained), f"zero-shot heads from the text tower for: {', '.join(zero_shot)}")
+        if text is not None:
+            attempt(lambda: _check_prompts(config, pretrained, text, {t: classnames[t] for t in zero_shot if t in classnames}),
+                    lambda name: f"prompts tokenized by {name} fit the text tower's vocabulary")
     return report
+
+
+def _check_prompts(config: SuiteConfig, pretrained: Any, text: tuple, tasks: dict[str, list[str]]) -> str:
+    """The zero-shot prompts tokenized as the heads will be; a token id past the vocabulary is a ``ConfigError``."""
+    state, where = text
+    tokenizer = make_tokenizer(config, pretrained, state)
+    check_tokens(tokenizer, prompt_blob(config, tasks), int(state["token_embedding.weight"].shape[0]), where)
+    return tokenizer.name
 
 
 def _data_summary(d: FolderTaskData) -> str:
