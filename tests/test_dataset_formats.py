@@ -21,8 +21,7 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resiz
 
 from merging.errors import DataError
 from merging.hashing import FileDigests
-from merging.suites.clip.datasets import DatasetTaskData, ImageRows
-from merging.suites.clip.images import load_task_data
+from merging.suites.clip.datasets import DatasetTaskData, ImageRows, load_data
 from merging.suites.clip.suite import check
 from merging.suites.config import load_config
 
@@ -98,7 +97,7 @@ def tables(tmp_path_factory):
 
 
 def _load(path: Path) -> DatasetTaskData:
-    return load_task_data(load_config(path), "shapes", TRANSFORM)
+    return load_data(load_config(path), "shapes", TRANSFORM)
 
 
 @pytest.mark.parametrize("fmt,data_root", [("hf_disk", "hf"), ("parquet", "pq")])

@@ -26,10 +26,10 @@ import torch
 
 import merging.suites.templates as tpl
 from merging.errors import DataError
-from merging.suites.clip.images import FolderTaskData, _evenly, _pool, _read_names, _why, task_names, to_rgb8
+from merging.suites.clip.images import FolderTaskData, _evenly, _pool, _read_names, _why, load_task_data, task_names, to_rgb8
 from merging.suites.config import DATA_FORMATS, SuiteConfig
 
-__all__ = ["DATA_FORMATS", "DatasetTaskData", "ImageRows", "load_dataset_task", "locate", "read_split"]
+__all__ = ["DATA_FORMATS", "DatasetTaskData", "ImageRows", "load_data", "load_dataset_task", "locate", "read_split"]
 
 
 @dataclass
@@ -342,3 +342,10 @@ def load_dataset_task(config: SuiteConfig, task: str, transform: tuple) -> Datas
         data_format=config.data_format,
         names_from=origin,
     )
+
+
+def load_data(config: SuiteConfig, task: str, transform: tuple) -> FolderTaskData:
+    """The task's data in the config's ``data_format``: image folders (``images.load_task_data``) or a table dataset."""
+    if config.data_format == "folders":
+        return load_task_data(config, task, transform)
+    return load_dataset_task(config, task, transform)

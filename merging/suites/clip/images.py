@@ -406,11 +406,9 @@ def _labelled_files(folder: Path, task: str, names: list[str] | None) -> tuple[l
 def load_task_data(config: SuiteConfig, task: str, transform: tuple) -> FolderTaskData:
     """The task's test split as a lazy ``FolderTaskData`` (nothing decoded until indexed), and its train split when a
     ``train`` folder sits beside the test folder (read by methods that learn from unlabeled train images: FeatCal).
-    Other ``data_format``s (a saved HF dataset, parquet files) are read by ``datasets.load_dataset_task``."""
+    Other ``data_format``s (a saved HF dataset, parquet files) are read by ``datasets.load_data``, which calls this for folders."""
     if config.data_format != "folders":
-        from merging.suites.clip.datasets import load_dataset_task
-
-        return load_dataset_task(config, task, transform)
+        raise ConfigError(f"{config.path}: data_format {config.data_format!r} is read by merging.suites.clip.datasets.load_data, not from image folders")
     pil, mean, std, size = transform
     folder = data_folder(config, task)
     names = _read_names(config.classnames[task]) if task in config.classnames else tpl.classnames(task)

@@ -15,9 +15,9 @@ import torch
 from merging.errors import MergeLensError
 from merging.progress import ProgressFn, track
 from merging.suites.base import Suite
-from merging.suites.clip.datasets import DatasetTaskData, ImageRows
+from merging.suites.clip.datasets import DatasetTaskData, ImageRows, load_data
 from merging.suites.clip.heads import check_tokens, head_path, load_head, make_tokenizer, prompt_blob, text_state, zero_shot_heads
-from merging.suites.clip.images import FolderTaskData, describe_skipped, load_task_data, unreadable_images, val_transform
+from merging.suites.clip.images import FolderTaskData, describe_skipped, unreadable_images, val_transform
 from merging.suites.clip.weights import (
     create_clip,
     encoder_config,
@@ -42,7 +42,7 @@ def load_clip_suite(config: SuiteConfig, cache_dir: str | Path = "cache", progre
     pretrained = load_pretrained(config, reference)
     proj = pretrained.visual.get("proj")
     finetuned = {t: load_finetuned(config, t, reference, proj) for t in track(tasks, desc="loading checkpoints", progress=progress)}
-    data = {t: load_task_data(config, t, transform) for t in tasks}
+    data = {t: load_data(config, t, transform) for t in tasks}
     dim = int(pretrained.visual["proj"].shape[1]) if "proj" in pretrained.visual else int(reference["ln_post.weight"].shape[0])
     heads: dict[str, dict[str, torch.Tensor]] = {}
     need_zero_shot = {}
@@ -93,7 +93,7 @@ def check_suite(config: SuiteConfig) -> list[tuple[bool, str]]:
     classnames: dict[str, list[str]] = {}
     for t in tasks:
         attempt(lambda t=t: load_finetuned(config, t, reference, proj) and None, f"{t}: fine-tuned checkpoint fits {arch}")
-        data = attempt(lambda t=t: load_task_data(config, t, transform), _data_summary)
+        data = attempt(lambda t=t: load_data(config, t, transform), _data_summary)
         if data is not None:
             classnames[t] = data.classnames
             report.extend(_data_lines(data))
