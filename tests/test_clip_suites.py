@@ -8,6 +8,7 @@ on all three, and task arithmetic must match an independent computation with ope
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -136,6 +137,8 @@ def world(tmp_path_factory):
     finetuned = {t: {k: v + (0.0 if k == "proj" else 0.05) * torch.randn_like(v) for k, v in visual0.items()} for t in TASKS}
     heads = {t: reference_head(model, c, t) for t, c in TASKS.items()}
     data = write_images(root / "data")
+    for task in TASKS:  # a train split beside each test split: FeatCal's unlabeled calibration images
+        shutil.copytree(root / "data" / task.lower() / "test", root / "data" / task.lower() / "train")
     base = {"model": ARCH, "model_config": str(cfg_path), "data_root": str(root / "data"), "tasks": list(TASKS)}
 
     # open_clip layout: a whole pretrained CLIP and visual-only fine-tuned files
@@ -446,6 +449,7 @@ TINY_OVERRIDES = {
     "surgery": "surgery:iterations=2",
     "wemoe": "wemoe:steps=2",
     "tinting": "tinting:epochs=2",
+    "featcal": "featcal:calibration_images=4",
 }
 
 
@@ -490,22 +494,12 @@ def test_a_config_suite_opens_in_the_app(world, capsys, monkeypatch):
     assert list(table.columns) == [*list(TASKS), "avg"] and "Task Arithmetic" in table.index
 
 
-def test_storage_lane_and_featcal_run_on_a_real_checkpoint_suite(world, capsys, tmp_path):
-    """TALL masks, EMR and FeatCal on the open_clip layout; FeatCal calibrates on a train folder beside the test folder."""
-    import shutil
-
-    data = tmp_path / "data"
-    shutil.copytree(world.root / "data", data)
-    for task in TASKS:
-        shutil.copytree(data / task.lower() / "test", data / task.lower() / "train")
-    cfg = yaml.safe_load(world.configs["open_clip"].read_text())
-    cfg.update(data_root=str(data), pretrained=str(world.root / cfg["pretrained"]),
-               finetuned=str(world.root / cfg["finetuned"]) if isinstance(cfg["finetuned"], str) else cfg["finetuned"])
-    config = tmp_path / "with_train.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+def test_storage_lane_and_featcal_run_on_a_real_checkpoint_suite(world, capsys):
+    """TALL masks, EMR and FeatCal on the open_clip layout; FeatCal calibrates on the train folder beside the test folder."""
+    config = world.configs["open_clip"]
     assert main(["suite", "check", str(config)]) == 0
     assert "train images beside it" in capsys.readouterr().out
-    cache = tmp_path / "cache"
+    cache = world.root / "lane-cache"
     table = pd_read(main, config, cache, capsys, "tall_masks,emr,featcal:calibration_images=4,individual")
     suite = get_suite(str(config), cache_dir=cache)
     result = run(RunConfig(str(config), "featcal", {"calibration_images": 4}), suite, cache_dir=cache, device="cpu")
