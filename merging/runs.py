@@ -146,18 +146,6 @@ def count_parameters(model: MultiTaskModel) -> dict[str, int]:
     return {"trainable": trainable, "total": total}
 
 
-def data_used(method: MergeMethod, params: Any, suite: Suite) -> dict[str, Any]:
-    """Which images a method learned from, without labels: ``{"split", "images"}`` (``split`` None for a data-free
-    method). Test-time adaptation reads every task's unlabeled test images unless the method says otherwise
-    with its own ``data_used(params, suite)`` (FeatCal: a few train images per task)."""
-    own = getattr(method, "data_used", None)
-    if callable(own):
-        return own(params, suite)
-    if not method.data_dependent:
-        return {"split": None, "images": 0}
-    return {"split": "test", "images": sum(len(suite.data[t].test_images) for t in suite.tasks)}
-
-
 def input_model(spec: RunInput, config: RunConfig, suite: Suite, cache_dir: str | Path, device: str, progress: ProgressFn | None = None) -> MultiTaskModel:
     """A model another method builds on, with the outer run's suite, tasks, seed, device and cache: a
     data-dependent input is run (or loaded from its cached run), a static one is built."""
@@ -249,7 +237,7 @@ def _compute(config: RunConfig, suite: Suite, method: MergeMethod, params: Any, 
         "average": sum(accuracy.values()) / len(accuracy),
         "parameters": count_parameters(model),
         "storage": storage_report(model, target.pretrained, target.heads),
-        "data": data_used(method, params, target),
+        "data": method.data_used(params, target),
         "seconds": {"adapt": t_adapt, "evaluate": t_eval},
         "info": info,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -194,6 +194,13 @@ class MergeMethod:
         """Test-time training without labels; returns JSON-able internals for the run's result."""
         return {}
 
+    def data_used(self, params: Any, suite: Suite) -> dict[str, Any]:
+        """Which images the method learns from, without labels: ``{"split", "images"}`` (split None when data-free).
+        Test-time adaptation reads every task's unlabeled test images; a method that reads others says so here."""
+        if not self.data_dependent:
+            return {"split": None, "images": 0}
+        return {"split": "test", "images": sum(len(suite.data[t].test_images) for t in suite.tasks)}
+
     def describe(self) -> dict:
         return {
             "name": self.name,
