@@ -199,3 +199,45 @@ def test_suite_check_reports_images_classes_and_label_range(tables, tmp_path):
     report = check(_config(tmp_path, "pq_check", data_root="pq", data_format="parquet"))
     failed = [m for ok, m in report if not ok and "decoded" in m]
     assert len(failed) == 1 and "test.parquet row 2 (not an image file Pillow can identify)" in failed[0], report
+
+
+@torch.no_grad()
+def test_a_suite_on_table_data_scores_as_on_the_folders(tables, tmp_path, capsys):
+    """The whole path (checkpoints, zero-shot heads, lazy rows, fingerprint, cached runs) on each data format: same accuracies."""
+    import open_clip
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    from merging.cli import main
+    from merging.suites import get_suite
+
+    root, _ = tables
+    _config(root, "arch")  # registers the tiny architecture's JSON
+    open_clip.add_model_config(root / "mergelens-dataset-tiny.json")
+    torch.manual_seed(5)
+    model = open_clip.create_model("mergelens-dataset-tiny", pretrained=None).eval()
+    full = model.state_dict()
+    save_file({k: v.contiguous() for k, v in full.items()}, tmp_path / "pre.safetensors")
+    tuned = {k[7:]: v + 0.05 * torch.randn_like(v) for k, v in full.items() if k.startswith("visual.")}
+    save_file({k: v.contiguous() for k, v in tuned.items()}, tmp_path / "shapes.safetensors")
+    tables_out = {}
+    for fmt, data_root in (("folders", "folders"), ("hf_disk", "hf"), ("parquet", "pq")):
+        cfg = _config(tmp_path, f"e2e_{fmt}", data_root=str(root / data_root), data_format=fmt,
+                      pretrained=str(tmp_path / "pre.safetensors"), finetuned={"shapes": str(tmp_path / "shapes.safetensors")})
+        csv = tmp_path / f"{fmt}.csv"
+        assert main(["table", "--suite", str(cfg), "--methods", "pretrained,individual,task_arithmetic", "--cache-dir", str(tmp_path / "cache"),
+                     "--csv", str(csv)]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        tables_out[fmt] = pd.read_csv(csv, index_col=0)["shapes"].to_dict()
+    assert len(tables_out["folders"]) == 3 and all(0 <= v <= 100 for v in tables_out["folders"].values())
+    assert tables_out["hf_disk"] == tables_out["folders"] == tables_out["parquet"], tables_out
+    logits = {}  # the accuracies of a random tiny model are coarse: compare the pretrained model's logits image by image
+    for fmt in tables_out:
+        suite = get_suite(str(tmp_path / f"e2e_{fmt}.yaml"), cache_dir=tmp_path / "cache")
+        encoder, head = suite.build_encoder().eval(), suite.heads["shapes"]
+        encoder.load_state_dict(suite.pretrained)
+        x, y = next(suite.data["shapes"].batches("test", batch_size=64))
+        logits[fmt] = encoder(x) @ head["weight"].T + head["bias"]
+        assert y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert logits["folders"].shape == (9, 3) and logits["folders"].std() > 0
+    assert torch.equal(logits["hf_disk"], logits["folders"]) and torch.equal(logits["parquet"], logits["folders"])
