@@ -272,6 +272,8 @@ def locate(config: SuiteConfig, task: str, split: str) -> Path | None:
     """
     if task in config.data_folders and split == config.split:
         path = config.data_folders[task]
+        if config.data_format == "hf_disk" and (path / "dataset_dict.json").is_file() and (path / split / "state.json").is_file():
+            return path / split  # a DatasetDict's folder: its split
         return path if path.exists() else None
     for name in task_names(task):
         root = config.data_root / name
@@ -294,7 +296,7 @@ def _labels_and_names(task: str, split: TableSplit, config: SuiteConfig, names: 
     if names is not None:
         chosen, origin = names, "the test split"
     elif task in config.classnames:
-        chosen, origin = _read_names(config.classnames[task]), f"{config.classnames[task]}"
+        chosen, origin = _read_names(config.classnames[task]), "the config's classnames file"
     elif split.names is not None:
         chosen, origin = split.names, "the dataset's features"
     elif tpl.classnames(task) is not None:

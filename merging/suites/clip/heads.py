@@ -243,12 +243,12 @@ def zero_shot_heads(
         raise CheckpointError(f"{where}: does not fit the {config.model} text tower ({str(e).splitlines()[0]})") from None
     blob = prompt_blob(config, tasks)
     tokenizer = make_tokenizer(config, pretrained, text)
-    check_tokens(tokenizer, blob, int(text["token_embedding.weight"].shape[0]), where)
     key = heads_key(config, text, pretrained.quick_gelu, blob, tokenizer.identity)
     path = Path(cache_dir) / "suites" / "heads" / f"{config.model}-{key}.safetensors"
     cached = read_cached(path, lambda p: _read_heads(p, list(tasks)), "zero-shot heads cache")
     if cached is not None:
         return cached
+    check_tokens(tokenizer, blob, int(text["token_embedding.weight"].shape[0]), where)  # cached heads passed it already
     device = device or default_device()
     model.to(device)
     heads = {t: zero_shot_head(model, tokenizer, b["classnames"], b["templates"], device) for t, b in track(blob.items(), desc="zero-shot heads", progress=progress)}
