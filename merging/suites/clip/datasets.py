@@ -26,7 +26,7 @@ import torch
 
 import merging.suites.templates as tpl
 from merging.errors import DataError
-from merging.suites.clip.images import FolderTaskData, _evenly, _pool, _read_names, _why, load_task_data, task_names, to_rgb8
+from merging.suites.clip.images import FolderTaskData, LazyImages, _evenly, _pool, _read_names, _why, load_task_data, task_names, to_rgb8
 from merging.suites.config import DATA_FORMATS, SuiteConfig
 
 __all__ = ["DATA_FORMATS", "DatasetTaskData", "ImageRows", "load_data", "load_dataset_task", "locate", "read_split"]
@@ -131,14 +131,12 @@ def read_split(location: Path, fmt: str, image_column: str, label_column: str) -
     return TableSplit(files, labels.astype(np.int64), names, where, fmt, image_column)
 
 
-class ImageRows:
+class ImageRows(LazyImages):
     """A table's image column, decoded on indexing: ``images[idx]`` -> uint8 [B, H, W, 3], like ``ImageFiles``.
 
     ``rows`` are the table rows shown (after ``limit``); ``files`` are the data files, whose bytes
     ``TaskData.digest`` hashes. Nothing is read until indexed; pickles without its open files.
     """
-
-    dtype = torch.uint8
 
     def __init__(self, split: TableSplit, rows: Sequence[int], pil_transform: Callable, size: tuple[int, int]):
         self.split = split
@@ -158,10 +156,6 @@ class ImageRows:
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self.rows), self.size[0], self.size[1], 3)
 
     def _index(self) -> tuple[list, np.ndarray]:
         """Per data file (or parquet row group): a reader, and the cumulative row offsets."""
@@ -239,19 +233,6 @@ class ImageRows:
 
         parts = [self.rows[i : i + chunk] for i in range(0, len(self.rows), chunk)]
         return [b for found in _pool().map(run, parts) for b in found]
-
-    def __getitem__(self, index) -> torch.Tensor:
-        if isinstance(index, int | np.integer) or (isinstance(index, torch.Tensor) and index.ndim == 0):
-            return torch.from_numpy(self.load(int(index)))
-        if isinstance(index, slice):
-            idx = range(*index.indices(len(self)))
-        elif isinstance(index, torch.Tensor | np.ndarray | list | tuple | range):
-            idx = [int(i) for i in (index.tolist() if hasattr(index, "tolist") else index)]
-        else:
-            raise TypeError(f"cannot index images with {type(index).__name__}")
-        if len(idx) == 0:
-            return torch.empty((0, *self.size, 3), dtype=torch.uint8)
-        return torch.from_numpy(np.stack(list(_pool().map(self.load, idx))))
 
 
 @dataclass

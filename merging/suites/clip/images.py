@@ -145,35 +145,26 @@ def unreadable_images(files: Sequence[str], chunk: int = 64) -> list[tuple[str, 
     return [b for found in _pool().map(run, parts) for b in found]
 
 
-class ImageFiles:
-    """A task's test images as files, decoded on indexing: ``images[idx]`` -> uint8 [B, H, W, 3].
+class LazyImages:
+    """Images decoded on indexing: ``images[idx]`` -> uint8 [B, H, W, 3], preprocessed to ``size`` by ``pil_transform``.
 
-    Stands in for ``TaskData.test_images`` (a uint8 tensor) where a real dataset does not fit in memory:
-    ``len``, integer, slice, index-tensor and list indexing, ``shape`` and ``dtype`` behave the same.
-    The resize and crop of open_clip's val_preprocess happen here; ``/255`` and normalization in
-    ``FolderTaskData.preprocess`` (together exactly ``val_preprocess``).
+    Stands in for ``TaskData.test_images`` (a uint8 tensor) where a real dataset does not fit in memory: ``len``,
+    integer, slice, index-tensor and list indexing, ``shape`` and ``dtype`` behave the same; a batch is decoded on a
+    thread pool. Subclasses say how many images there are (``__len__``) and how image ``i`` is read (``load``).
     """
 
     dtype = torch.uint8
-
-    def __init__(self, files: Sequence[str], pil_transform: Callable, size: tuple[int, int]):
-        self.files = list(files)
-        self.pil_transform = pil_transform
-        self.size = size
+    size: tuple[int, int]
 
     def __len__(self) -> int:
-        return len(self.files)
+        raise NotImplementedError
+
+    def load(self, i: int) -> np.ndarray:
+        raise NotImplementedError
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        return (len(self.files), self.size[0], self.size[1], 3)
-
-    def load(self, i: int) -> np.ndarray:
-        path = self.files[i]
-        out = np.asarray(self.pil_transform(read_rgb8(path)), dtype=np.uint8)
-        if out.shape != (*self.size, 3):
-            raise DataError(f"{path}: preprocessed to {out.shape}, expected {(*self.size, 3)}")
-        return out
+        return (len(self), self.size[0], self.size[1], 3)
 
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, int | np.integer) or (isinstance(index, torch.Tensor) and index.ndim == 0):
@@ -187,6 +178,31 @@ class ImageFiles:
         if len(idx) == 0:
             return torch.empty((0, *self.size, 3), dtype=torch.uint8)
         return torch.from_numpy(np.stack(list(_pool().map(self.load, idx))))
+
+
+
+
+class ImageFiles(LazyImages):
+    """A task's images as files (``files``, whose bytes ``TaskData.digest`` hashes).
+
+    The resize and crop of open_clip's val_preprocess happen here; ``/255`` and normalization in
+    ``FolderTaskData.preprocess`` (together exactly ``val_preprocess``).
+    """
+
+    def __init__(self, files: Sequence[str], pil_transform: Callable, size: tuple[int, int]):
+        self.files = list(files)
+        self.pil_transform = pil_transform
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, i: int) -> np.ndarray:
+        path = self.files[i]
+        out = np.asarray(self.pil_transform(read_rgb8(path)), dtype=np.uint8)
+        if out.shape != (*self.size, 3):
+            raise DataError(f"{path}: preprocessed to {out.shape}, expected {(*self.size, 3)}")
+        return out
 
 
 @dataclass
