@@ -2,7 +2,6 @@
 WEMoE, Model Tinting), accuracy against what each adds (storage, data, time) with the Pareto front, WEMoE's routing,
 Tinting's confidence filter and the cross-task (encoder x head) matrix."""
 
-import numpy as np
 import pandas as pd
 import plotly.express as px
 import streamlit as st
@@ -48,16 +47,13 @@ table = accuracy_table({labels[m]: r["accuracy"] for m, r in done.items()}, suit
 ui.accuracy_bars(table.drop(columns="avg"), "Per-task accuracy, side by side")
 (tab_cost,) = ui.accuracy_tabs(table, labels.get("individual"), f"{name}_{preset}_comparison", ["Accuracy vs cost"])
 with tab_cost:
-    cost = pd.DataFrame({labels[m]: {"average accuracy": r["average"], "extra storage (MB)": r.get("storage", {}).get("extra_mb", np.nan),
-                                     "unlabeled images used": r.get("data", {}).get("images", np.nan), "adaptation seconds": r["seconds"]["adapt"],
+    cost = pd.DataFrame({labels[m]: {"average accuracy": r["average"], "extra storage (MB)": r["storage"]["extra_mb"],
+                                     "unlabeled images used": r["data"]["images"], "adaptation seconds": r["seconds"]["adapt"],
                                      "trainable params": r["parameters"]["trainable"], "group": method_group(m),
-                                     "data split": r.get("data", {}).get("split") or "none"} for m, r in done.items()}).T
+                                     "data split": r["data"]["split"] or "none"} for m, r in done.items()}).T
     cost = cost.loc[ui.row_order(list(cost.index))]
     x = st.radio("Cost", ["extra storage (MB)", "unlabeled images used", "adaptation seconds", "trainable params"], horizontal=True, key="cmp-cost-x")
-    known = cost[cost[x].notna()]
-    if len(known) < len(cost):
-        st.caption(f"Not shown (computed before runs recorded {x}): {', '.join(cost.index[cost[x].isna()])}.")
-    st.plotly_chart(ui.cost_figure(known, x, known["group"].to_dict()), width="stretch")
+    st.plotly_chart(ui.cost_figure(cost, x, cost["group"].to_dict()), width="stretch")
     st.caption("★ references · ● one merged model, no data · ■ storage lane: a per-task part chosen by the task id at inference "
                "(compression more than merging) · ◆ learns from unlabeled images. The dotted line is the Pareto front: no method "
                "left of it is more accurate. Extra storage is what a method stores beyond one merged model (Individual: the other "

@@ -108,22 +108,24 @@ def plane_heatmaps(plane: LambdaPlane) -> list[go.Figure]:
 
 
 # view 3: trajectories
-def objective_figure(frame: pd.DataFrame, title: str) -> go.Figure:
-    fig = px.line(frame, x="step", y="value", color="series", markers=True, title=title, labels={"value": "", "step": "update"})
+def _emphasised(fig: go.Figure, name: str, dash_others: bool) -> go.Figure:
+    """The trace ``name`` drawn thick (the sum or mean), the others its parts (dotted when ``dash_others``)."""
     for trace in fig.data:
-        if trace.name == "objective":
+        if trace.name == name:
             trace.line.width = 4
-        else:
+        elif dash_others:
             trace.line.dash = "dot"
     return fig
 
 
+def objective_figure(frame: pd.DataFrame, title: str) -> go.Figure:
+    fig = px.line(frame, x="step", y="value", color="series", markers=True, title=title, labels={"value": "", "step": "update"})
+    return _emphasised(fig, "objective", dash_others=True)
+
+
 def accuracy_trajectory_figure(frame: pd.DataFrame, title: str) -> go.Figure:
     fig = px.line(frame, x="step", y="accuracy", color="task", markers=True, title=title, labels={"accuracy": "test accuracy (%)", "step": "update"})
-    for trace in fig.data:
-        if trace.name == "average":
-            trace.line.width = 4
-    return fig
+    return _emphasised(fig, "average", dash_others=False)
 
 
 def coefficient_heatmap(rows: Sequence[str], tasks: Sequence[str], values: np.ndarray, step: int) -> go.Figure:

@@ -34,28 +34,25 @@ def make_params(method, overrides=None):
     return build_params(method, overrides, None, WIRED_METHODS)
 
 
+def default_merges(coefficient: float) -> dict:
+    """Each method's underlying function with its default hyperparameters and final coefficient ``coefficient``
+    (TA, TIES and Consensus have one; the SVD merges keep α = 1, CART has none)."""
+    return {
+        "task_arithmetic": lambda b, f: tv.task_arithmetic(b, f, coefficient),
+        "ties": lambda b, f: tv.ties(b, f, coefficient, 0.2, False),
+        "tsv_m": lambda b, f: tsv_m(b, f, 1.0),
+        "iso_c": lambda b, f: iso_c(b, f, 1.0),
+        "iso_cts": lambda b, f: iso_cts(b, f, 1.0, 0.8),
+        "cart": lambda b, f: cart(b, f, 2.0, 0.12),
+        "wudi": lambda b, f: wudi_merge(b, f, 300, 1e-5, 1.0, default_device()),
+        "consensus": lambda b, f: consensus_merge(b, f, 2, 0.4, "task_arithmetic", coefficient, 0.2),
+    }
+
+
 # What each method did before it took the modifiers: the underlying function with the method's default hyperparameters.
-BEFORE = {
-    "task_arithmetic": lambda b, f: tv.task_arithmetic(b, f, 0.3),
-    "ties": lambda b, f: tv.ties(b, f, 0.3, 0.2, False),
-    "tsv_m": lambda b, f: tsv_m(b, f, 1.0),
-    "iso_c": lambda b, f: iso_c(b, f, 1.0),
-    "iso_cts": lambda b, f: iso_cts(b, f, 1.0, 0.8),
-    "cart": lambda b, f: cart(b, f, 2.0, 0.12),
-    "wudi": lambda b, f: wudi_merge(b, f, 300, 1e-5, 1.0, default_device()),
-    "consensus": lambda b, f: consensus_merge(b, f, 2, 0.4, "task_arithmetic", 0.3, 0.2),
-}
-# The same merges at final coefficient 1 (CART has none): LiNeS with α = 1, β = 0 must give these (§12).
-AT_ONE = {
-    "task_arithmetic": lambda b, f: tv.task_arithmetic(b, f, 1.0),
-    "ties": lambda b, f: tv.ties(b, f, 1.0, 0.2, False),
-    "tsv_m": lambda b, f: tsv_m(b, f, 1.0),
-    "iso_c": lambda b, f: iso_c(b, f, 1.0),
-    "iso_cts": lambda b, f: iso_cts(b, f, 1.0, 0.8),
-    "cart": lambda b, f: cart(b, f, 2.0, 0.12),
-    "wudi": lambda b, f: wudi_merge(b, f, 300, 1e-5, 1.0, default_device()),
-    "consensus": lambda b, f: consensus_merge(b, f, 2, 0.4, "task_arithmetic", 1.0, 0.2),
-}
+BEFORE = default_merges(0.3)
+# The same merges at final coefficient 1: LiNeS with α = 1, β = 0 must give these (§12).
+AT_ONE = default_merges(1.0)
 
 BLOCK_PARTS = {
     "ln_1.weight": (8,), "ln_1.bias": (8,), "attn.in_proj_weight": (24, 8), "attn.in_proj_bias": (24,),

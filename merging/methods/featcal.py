@@ -275,8 +275,8 @@ class FeatCal(MergeMethod):
         return FeatCalModel(suite.build_encoder(), state, suite.tasks, suite.make_heads())
 
     def data_used(self, params: FeatCalParams, suite: Suite) -> dict[str, Any]:
-        images = sum(min(params.calibration_images, len(suite.data[t].train_images if suite.data[t].train_images is not None else ())) for t in suite.tasks)
-        return {"split": "train", "images": images}
+        counts = [len(suite.data[t].train_images) if suite.data[t].train_images is not None else 0 for t in suite.tasks]
+        return {"split": "train", "images": sum(min(params.calibration_images, n) for n in counts)}
 
     @torch.no_grad()
     def adapt(self, model: FeatCalModel, suite: Suite, params: FeatCalParams, ctx: RunContext) -> dict:

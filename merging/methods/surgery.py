@@ -162,14 +162,19 @@ def fit_cached(
         for task, idx in schedule[i]:
             with torch.set_grad_enabled(update):
                 loss = F.l1_loss(modules[task](base_features[task][idx]), targets[task][idx])
-            if update:
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            per_task.setdefault(task, []).append(float(loss.detach().cpu()))
+            per_task.setdefault(task, []).append(_adam_step(loss, optimizer, update))
         return _mean_and_parts(per_task)
 
     return optimize(len(schedule), step, progress, desc="Surgery", log_every=_log_every(len(schedule)), trajectory=trajectory)
+
+
+def _adam_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, update: bool) -> float:
+    """One optimizer step on ``loss`` when ``update`` (a trajectory probe only measures); returns the loss."""
+    if update:
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach().cpu())
 
 
 def _mean_and_parts(per_task: Mapping[str, Sequence[float]]) -> tuple[float, dict[str, float]]:
@@ -203,11 +208,7 @@ def fit_blocks(
                 loss = F.l1_loss(z, targets[task][idx])
                 for x, target in zip(record, block_targets[task], strict=True):
                     loss = loss + F.l1_loss(x, target[idx])
-            if update:
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            per_task.setdefault(task, []).append(float(loss.detach().cpu()))
+            per_task.setdefault(task, []).append(_adam_step(loss, optimizer, update))
         return _mean_and_parts(per_task)
 
     return optimize(len(schedule), step, progress, desc="SurgeryV2", log_every=_log_every(len(schedule)), trajectory=trajectory)
