@@ -161,6 +161,18 @@ class Suite:
             d.update(t).update(self.part_digests(t))
         return d.hexdigest(16)
 
+    @cached_property
+    def checkpoint_family(self) -> dict[str, str]:
+        """Which checkpoints the numbers come from: ``{"suite", "layout", "weights"}``, ``weights`` a short
+        digest of the pretrained, fine-tuned and head weights only (the data may differ; the weights may not).
+        Tables and exports show it next to every number, and refuse to mix two families silently."""
+        pretrained = self._part(("pretrained",), lambda: state_digest(self.pretrained))
+        d = Digest(self.encoder_config, pretrained)
+        for t in self.tasks:
+            d.update(t).update(self._part(("finetuned", t), lambda t=t: state_digest(self.finetuned[t])))
+            d.update(self._part(("head", t), lambda t=t: state_digest(self.heads[t])))
+        return {"suite": self.name, "layout": str(self.info.get("layout", "built-in")), "weights": d.hexdigest(8)}
+
     def subset(self, tasks: list[str]) -> Suite:
         """The same suite restricted to some tasks (the number-of-tasks ablation)."""
         tasks = self.check_tasks(tasks)
