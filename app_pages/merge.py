@@ -9,7 +9,8 @@ from merging.errors import ConfigError
 from merging.evaluation import accuracy_table
 from merging.jobs import RunsJob
 from merging.methods import METHODS, HyperparameterSpec, make_params, method_group, params_dict, specs
-from merging.runs import RunConfig, program_report
+from merging.provenance import program_report
+from merging.runs import RunConfig
 
 ui.restore_from_url("merge-")
 settings = ui.sidebar()

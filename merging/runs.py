@@ -284,11 +284,3 @@ def list_results(cache_dir: str | Path = "cache", suite: str | None = None) -> l
         if r is not None and (suite is None or r.get("suite") == suite):
             results.append(r)
     return sorted(results, key=lambda r: r.get("created", ""))
-
-
-def program_report(result: dict) -> dict:
-    """A run's result in FusionBench's ``program_report.json`` shape (anchors.md §1)."""
-    report: dict[str, Any] = {t: {"accuracy": result["accuracy"][t] / 100.0, "loss": result["loss"][t]} for t in result["tasks"]}
-    report["average"] = {"accuracy": result["average"] / 100.0, "loss": sum(result["loss"].values()) / len(result["loss"])}
-    report["model_info"] = {"trainable_params": result["parameters"]["trainable"], "all_params": result["parameters"]["total"]}
-    return report

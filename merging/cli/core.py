@@ -19,7 +19,8 @@ from merging.methods import BASELINES, METHODS, specs
 from merging.methods_doc import methods_markdown
 from merging.model import plain_state
 from merging.progress import line_progress
-from merging.runs import RunConfig, load_model, program_report, run
+from merging.provenance import program_report
+from merging.runs import RunConfig, load_model, run
 from merging.suites import BUILTIN_SUITES, get_suite
 
 
