@@ -123,3 +123,34 @@ def test_a_real_run_records_its_family(micro_suite, micro_cache):
     assert family_of(r) == family and family["layout"] == "built-in" and len(family["weights"]) == 8
     assert program_report(r)["provenance"]["family"] == f"micro · built-in · weights {family['weights']}"
     assert run_label(r).startswith("λ=0.3")
+
+
+def test_cli_table_prints_the_family_and_each_rows_provenance_and_leaves_other_families_out(micro_suite, micro_cache, tmp_path, capsys):
+    import json
+
+    from merging.cli import main
+
+    stray = micro_cache / "runs" / "task_arithmetic-otherfamily"  # a result of another "micro" (other weights) in the same cache
+    stray.mkdir(parents=True, exist_ok=True)
+    (stray / "result.json").write_text(json.dumps(result(checkpoints={**OTHER, "suite": "micro"}, fingerprint="0" * 16, suite="micro")))
+    csv = tmp_path / "table.csv"
+    try:
+        assert main(["table", "--suite", "micro", "--methods", "pretrained,task_arithmetic:scaling=0.35", "--cache-dir", str(micro_cache),
+                     "--csv", str(csv)]) == 0
+    finally:
+        (stray / "result.json").unlink()
+        stray.rmdir()
+    out = capsys.readouterr().out
+    family = family_label(micro_suite.checkpoint_family)
+    assert f"checkpoints: {family}" in out
+    assert "task_arithmetic(scaling=0.35)  λ=0.35" in out
+    assert "left out: 1 cached result(s) of micro made on other checkpoints or data (weights 99ffee00)" in out
+    table = pd.read_csv(csv, index_col=0)
+    assert set(COLUMNS) <= set(table.columns) and set(table["weights"]) == {micro_suite.checkpoint_family["weights"]}
+    assert json.loads(table.loc["task_arithmetic(scaling=0.35)", "params"])["scaling"] == 0.35
+    report = tmp_path / "program_report.json"
+    assert main(["run", "--suite", "micro", "--method", "task_arithmetic", "--set", "scaling=0.35", "--cache-dir", str(micro_cache),
+                 "--report", str(report)]) == 0
+    block = json.loads(report.read_text())["provenance"]
+    assert block["family"] == family and block["params"]["scaling"] == 0.35 and block["data"] == {"split": None, "images": 0}
+    assert f"checkpoints: {family}" in capsys.readouterr().out

@@ -19,9 +19,9 @@ from merging.methods import BASELINES, METHODS, specs
 from merging.methods_doc import methods_markdown
 from merging.model import plain_state
 from merging.progress import line_progress
-from merging.provenance import program_report
-from merging.runs import RunConfig, load_model, run
-from merging.suites import BUILTIN_SUITES, get_suite
+from merging.provenance import check_one_family, family_label, family_of, program_report, run_label, with_provenance
+from merging.runs import RunConfig, list_results, load_model, run
+from merging.suites import BUILTIN_SUITES, Suite, get_suite
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -167,6 +167,8 @@ def _print_result(result: dict) -> None:
     width = max(len(t) for t in acc)
     preset = f", preset {result['preset']}" if result.get("preset") else ""
     print(f"{result['title']} on {result['suite']}{preset} ({result['key']})")
+    print(f"  checkpoints: {family_label(family_of(result))}")
+    print(f"  {run_label(result)}")
     for t, a in acc.items():
         print(f"  {t:<{width}}  {a:6.2f}")
     print(f"  {'average':<{width}}  {result['average']:6.2f}")
@@ -197,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         suite.check_tasks(list(config.tasks))
     result = run(config, suite, cache_dir=args.cache_dir, device=args.device, force=args.force)
     if args.report:
-        save_json(program_report(result), args.report)
+        save_json(program_report(result), args.report)  # with its provenance block (family, params, preset, data split)
     if args.save_model:
         state = plain_state(load_model(result, suite, args.cache_dir, args.device))
         if state is None:
@@ -220,35 +222,63 @@ def baseline_table(suite_name: str, methods: list[str], ta_grid: list[float], ca
     """Run (or load) each method spec and return the accuracy table, row labels like ``task_arithmetic(scaling=0.3)``;
     with ``cost``, also the columns extra_mb (storage beyond one merged model), images (unlabeled images learned from,
     with their split) and adapt_s."""
+    return table_runs(suite_name, methods, ta_grid, cache_dir, device, preset, cost)[0]
+
+
+def table_runs(suite_name: str, methods: list[str], ta_grid: list[float], cache_dir: str, device: str | None, preset: str | None = None,
+               cost: bool = False) -> tuple[pd.DataFrame, dict[str, dict], Suite]:
+    """``baseline_table``'s table, the result behind each row (its provenance) and the suite (its checkpoint family)."""
     suite = get_suite(suite_name, cache_dir=cache_dir)
-    rows, costs = {}, {}
+    rows, costs, results = {}, {}, {}
     for spec in methods:
         name, overrides = parse_method(spec)
         result = run(RunConfig(suite_name, name, overrides, preset), suite, cache_dir=cache_dir, device=device)
         label = name + (f"({';'.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
-        rows[label] = result["accuracy"]
+        rows[label], results[label] = result["accuracy"], result
         costs[label] = {"extra_mb": result["storage"]["extra_mb"], "images": result["data"]["images"], "split": result["data"]["split"] or "",
                         "adapt_s": result["seconds"]["adapt"]}
         print(f"{label}: {result['average']:.1f} (adapt {result['seconds']['adapt']:.1f} s)", flush=True)
     for lam in ta_grid:
         r = run(RunConfig(suite_name, "task_arithmetic", {"scaling": lam}), suite, cache_dir=cache_dir, device=device)
-        rows[f"task_arithmetic(scaling={lam:g})"] = r["accuracy"]
+        rows[f"task_arithmetic(scaling={lam:g})"], results[f"task_arithmetic(scaling={lam:g})"] = r["accuracy"], r
         costs[f"task_arithmetic(scaling={lam:g})"] = {"extra_mb": 0.0, "images": 0, "split": "", "adapt_s": r["seconds"]["adapt"]}
     table = accuracy_table(rows, suite.tasks)
-    return table.join(pd.DataFrame.from_dict(costs, orient="index")) if cost else table
+    return (table.join(pd.DataFrame.from_dict(costs, orient="index")) if cost else table), results, suite
+
+
+def other_families(suite: Suite, cache_dir: str) -> list[dict]:
+    """Cached results of a suite of this name made on other checkpoints or other data (another suite fingerprint):
+    a table of the current suite leaves them out, and says so."""
+    return [r for r in list_results(cache_dir, suite=suite.name) if r.get("suite_fingerprint") != suite.fingerprint]
+
+
+def left_out_line(suite: Suite, others: list[dict]) -> str:
+    """One line: how many cached results of other checkpoint families (or data) of this suite's name a table leaves out."""
+    digests = sorted({family_of(r)["weights"] for r in others})
+    return (f"left out: {len(others)} cached result(s) of {suite.name} made on other checkpoints or data "
+            f"(weights {', '.join(digests)}); this table is {family_label(suite.checkpoint_family)} only")
 
 
 def cmd_table(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(BASELINES)
     grid = [float(x) for x in args.ta_grid.split(",")] if args.ta_grid else []
-    table = baseline_table(args.suite, methods, grid, args.cache_dir, args.device, args.preset, args.cost)
+    table, results, suite = table_runs(args.suite, methods, grid, args.cache_dir, args.device, args.preset, args.cost)
+    check_one_family(results.values())
+    print(f"\ncheckpoints: {family_label(suite.checkpoint_family)}")
     with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.1f}".format):
         print(table)
         if args.normalized and "individual" in table.index:
             print("\nnormalized accuracy (% of individual):")
             print(normalized_table(table[[c for c in table.columns if c not in COST_COLUMNS]]))
+    width = max(len(label) for label in results)
+    print("\nhyperparameters, preset and data of each row:")
+    for label, r in results.items():
+        print(f"  {label:<{width}}  {run_label(r)}")
+    others = other_families(suite, args.cache_dir)
+    if others:
+        print(left_out_line(suite, others))
     if args.csv:
-
-        atomic_write(args.csv, lambda tmp: table.to_csv(tmp, float_format="%.2f"))
+        exported = with_provenance(table, suite.checkpoint_family, results)
+        atomic_write(args.csv, lambda tmp: exported.to_csv(tmp, float_format="%.2f"))
         print(f"wrote {args.csv}")
     return 0
