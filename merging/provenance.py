@@ -225,3 +225,19 @@ def program_report(result: dict) -> dict:
     report["model_info"] = {"trainable_params": result["parameters"]["trainable"], "all_params": result["parameters"]["total"]}
     report["provenance"] = provenance_block(result)
     return report
+
+
+def add_subtitle(fig: Any, text: str) -> Any:
+    """Put ``text`` (a family label, a run label) under a plotly figure's title, once; a figure without a title gets it as
+    its title. Makes room above the plot when a margin was set for a title alone. Returns ``fig``."""
+    title = fig.layout.title
+    if not title.text:
+        fig.update_layout(title_text=text, title_font_size=13)
+        return fig
+    current = title.subtitle.text or ""
+    if text in current:
+        return fig
+    fig.update_layout(title_subtitle_text=f"{current} · {text}" if current else text, title_subtitle_font_size=12)
+    if fig.layout.margin.t is not None and fig.layout.margin.t < 90:
+        fig.update_layout(margin_t=90)
+    return fig

@@ -301,18 +301,22 @@ def _l1(info: dict) -> dict[str, float] | None:
 
 
 def tidy(points: Sequence[Point], results: Sequence[dict | None], axes: Sequence[str]) -> pd.DataFrame:
-    """One row per point x task: swept values, seed, task, accuracy, average, l1, l1_average, key."""
+    """One row per point x task: swept values, seed, task, accuracy, average, l1, l1_average, key, then the run's
+    provenance (``merging.provenance.COLUMNS``: suite, layout, weights, method, preset, params, adapted_on, selection)."""
+    from merging.provenance import COLUMNS, provenance_columns
+
     rows = []
     for p, r in zip(points, results, strict=True):
         if r is None:
             continue
         l1 = _l1(r.get("info", {}))
         l1_avg = sum(l1.values()) / len(l1) if l1 else float("nan")
+        where = provenance_columns(r)
         for task in r["tasks"]:
             acc = r["accuracy"][task]
             rows.append({**{a: p.values.get(a) for a in axes}, "seed": p.seed, "task": task, "accuracy": acc, "average": r["average"],
-                         "l1": l1.get(task, float("nan")) if l1 else float("nan"), "l1_average": l1_avg, "key": r["key"]})
-    columns = [*axes, "seed", "task", "accuracy", "average", "l1", "l1_average", "key"]
+                         "l1": l1.get(task, float("nan")) if l1 else float("nan"), "l1_average": l1_avg, "key": r["key"], **where})
+    columns = [*axes, "seed", "task", "accuracy", "average", "l1", "l1_average", "key", *(c for c in COLUMNS if c not in axes)]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -339,6 +343,7 @@ def run_sweep(config: SweepConfig, suite: Suite | None = None, cache_dir: str | 
         "config": config.to_dict(),
         "axes": config.axes,
         "suite_fingerprint": suite.fingerprint,
+        "checkpoints": suite.checkpoint_family,
         "points": [{"values": p.values, "seed": p.seed, "key": r["key"]} for p, r in zip(points, results, strict=True)],
         "computed": computed,
         "cached": len(points) - computed,

@@ -17,6 +17,7 @@ from merging.errors import ConfigError
 from merging.io import atomic_write
 from merging.metrics import bias_table, wide
 from merging.projection import joint_projection, write_html
+from merging.provenance import COLUMNS, family_label, provenance_columns
 from merging.runs import RunConfig, run
 from merging.suites import get_suite
 
@@ -68,18 +69,34 @@ def _method_list(text: str) -> list[str]:
     return list(dict.fromkeys(specs))
 
 
-def _features(args: argparse.Namespace, specs: list[str], layers: bool = False) -> tuple[list[str], dict[str, dict]]:
-    """Run (or load) each method spec and return the tasks and ``{task: {spec: Features}}``."""
+def _features(args: argparse.Namespace, specs: list[str], layers: bool = False, results: dict | None = None) -> tuple[list[str], dict[str, dict]]:
+    """Run (or load) each method spec and return the tasks and ``{task: {spec: Features}}``; ``results`` (when given)
+    receives each spec's run result (its provenance)."""
     suite = get_suite(args.suite, cache_dir=args.cache_dir)
     tasks = suite.tasks if args.task == "all" else suite.check_tasks([t.strip() for t in args.task.split(",")])
     out: dict[str, dict] = {t: {} for t in tasks}
     for spec in specs:
         name, overrides = parse_method(spec)
         result = run(RunConfig(args.suite, name, overrides, seed=args.seed), suite, cache_dir=args.cache_dir, device=args.device)
+        if results is not None:
+            results[spec] = result
         feats = run_features(result, suite, tasks, args.n or None, args.sample_seed, layers, args.cache_dir, device=args.device, amp=args.amp)
         for t, fs in feats.items():
             out[t][spec] = fs
     return tasks, out
+
+
+def with_run_columns(frame: pd.DataFrame, results: dict[str, dict]) -> pd.DataFrame:
+    """``frame`` (a ``model`` column naming each row's method spec) with that run's provenance columns; rows of two checkpoint families refuse."""
+    from merging.provenance import check_one_family
+
+    check_one_family(results.values())
+    where = {spec: provenance_columns(r) for spec, r in results.items()}
+    first = next(iter(where.values()))
+    out = frame.copy()
+    for col in COLUMNS:
+        out[col] = [where.get(m, first)[col] if col in ("suite", "layout", "weights") else where.get(m, {}).get(col, "") for m in out["model"]]
+    return out
 
 
 def cmd_features(args: argparse.Namespace) -> int:
@@ -100,18 +117,21 @@ def cmd_project(args: argparse.Namespace) -> int:
         raise ConfigError("project: give --html and/or --csv to say where the points go")
     specs = _method_list(args.methods)
     layers = args.layer != "final"
-    tasks, feats = _features(args, specs, layers)
+    results: dict[str, dict] = {}
+    tasks, feats = _features(args, specs, layers, results)
     frames = []
     for t in tasks:
         t0 = time.perf_counter()
         frames.append(joint_projection(feats[t], args.projection, args.layer, args.dim, args.sample_seed, cache_dir=args.cache_dir))
         print(f"{t}: {args.projection} of {len(frames[-1])} points in {time.perf_counter() - t0:.1f} s")
     df = pd.concat(frames, ignore_index=True)
+    family = family_label(provenance_columns(next(iter(results.values()))))
     if args.csv:
-        atomic_write(args.csv, lambda tmp: df.to_csv(tmp, index=False, float_format="%.5g"))
+        exported = with_run_columns(df, results)
+        atomic_write(args.csv, lambda tmp: exported.to_csv(tmp, index=False, float_format="%.5g"))
         print(f"wrote {args.csv} ({len(df)} rows)")
     if args.html:
-        title = f"{args.projection.upper()} of {args.layer} features on {args.suite}: {', '.join(specs)}"
+        title = f"{args.projection.upper()} of {args.layer} features on {args.suite}: {', '.join(specs)}<br><sub>{family}</sub>"
         write_html(df, args.html, color=args.color, title=title)
         print(f"wrote {args.html}")
     return 0
@@ -120,7 +140,8 @@ def cmd_project(args: argparse.Namespace) -> int:
 def cmd_metrics(args: argparse.Namespace) -> int:
     specs = _method_list(args.methods)
     specs = [args.reference, *[s for s in specs if s != args.reference]]
-    tasks, feats = _features(args, specs, args.layers)
+    results: dict[str, dict] = {}
+    tasks, feats = _features(args, specs, args.layers, results)
     tables = []
     for t in tasks:
         sets = feats[t]
@@ -131,9 +152,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         tables.append(bias_table(sets, args.reference, layers, proj, args.k))
     table = pd.concat(tables, ignore_index=True)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 500, "display.float_format", "{:.4f}".format):
-        print(f"representation bias against {args.reference} on {args.suite}")
+        print(f"representation bias against {args.reference} on {args.suite} (checkpoints: {family_label(provenance_columns(results[args.reference]))})")
         print(wide(table))
     if args.csv:
-        atomic_write(args.csv, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
+        exported = with_run_columns(table, results)
+        atomic_write(args.csv, lambda tmp: exported.to_csv(tmp, index=False, float_format="%.6g"))
         print(f"wrote {args.csv}")
     return 0

@@ -9,6 +9,7 @@ import pandas as pd
 from merging.cli.common import add_common, parse_sets
 from merging.errors import ConfigError
 from merging.io import atomic_write
+from merging.provenance import family_label
 from merging.sweeps import SweepConfig, load_config, parse_grid, run_sweep
 
 
@@ -64,6 +65,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     frame = result.frame
     per_point = frame.drop_duplicates("key")
     summary = per_point.groupby(config.axes, sort=False)["average"].agg(["mean", "std", "count"])
+    if not frame.empty:  # each row of results.csv carries its run's provenance columns (suite, layout, weights, params, ...)
+        print(f"checkpoints: {family_label(frame.iloc[0].to_dict())}")
     with pd.option_context("display.width", 200, "display.float_format", "{:.2f}".format):
         print(summary)
     print(f"{result.computed} points computed, {result.cached} cached; wrote {result.folder / 'results.csv'}")

@@ -15,6 +15,7 @@ from merging.cli.common import add_common
 from merging.device import default_device
 from merging.errors import ConfigError
 from merging.io import atomic_write
+from merging.provenance import family_label, with_provenance
 from merging.suites import get_suite
 from merging.whatif import DEFAULT_N, WHATIF_METHODS, WhatIf, full_test_result
 
@@ -71,16 +72,18 @@ def cmd_whatif(args: argparse.Namespace) -> int:
         index.append(name)
     table = pd.DataFrame(rows, index=index)
     print(f"{args.method} on {args.suite}: accuracy (%) on {args.n} stratified test images per task (subsample, not the full test set)")
+    print(f"checkpoints: {family_label(suite.checkpoint_family)}")
     print(table.to_string(float_format=lambda v: f"{v:.2f}", na_rep=""))
     for line in full:
         print(line)
     if args.csv:
-        atomic_write(args.csv, lambda tmp: table.to_csv(tmp, float_format="%.4f"))
+        exported = with_provenance(table, suite.checkpoint_family).assign(method=args.method, subsample=args.n)
+        atomic_write(args.csv, lambda tmp: exported.to_csv(tmp, float_format="%.4f"))
         print(f"wrote {args.csv}")
     if args.points:
         if args.task is None:
             raise ConfigError("--points needs --task: the projected points are per task")
-        frame = engine.frame(point, args.task)
+        frame = with_provenance(engine.frame(point, args.task), suite.checkpoint_family)
         atomic_write(args.points, lambda tmp: frame.to_csv(tmp, index=False))
         print(f"wrote {args.points} ({len(frame)} points; x, y: the PCA basis of the individual and pretrained features)")
     return 0

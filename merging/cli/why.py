@@ -69,14 +69,23 @@ def _suite(args: argparse.Namespace):
     return get_suite(args.suite, cache_dir=args.cache_dir, progress=line_progress())
 
 
-def _write(args: argparse.Namespace, name: str, tables: dict[str, pd.DataFrame], figures: list, title: str) -> None:
+def _write(args: argparse.Namespace, name: str, tables: dict[str, pd.DataFrame], figures: list, title: str, suite, run: dict | None = None) -> None:
+    """The view's CSVs (each with the suite's checkpoint family as columns: suite, layout, weights) and one HTML whose
+    heading and every figure's subtitle name the family (and ``run``'s hyperparameters and data split, for a one-run view)."""
+    from merging.provenance import add_subtitle, family_label, run_label, with_provenance
     from merging.why_figures import write_html
 
     out = Path(args.out)
     stem = f"{Path(args.suite).stem}_{name}"
+    family = suite.checkpoint_family
+    where = family_label(family) + (f" · {run_label(run)}" if run is not None else "")
+    for fig in figures:
+        add_subtitle(fig, where)
+    title = f"{title} — {where}"
     for label, table in tables.items():
         path = out / f"{stem}{'_' + label if label else ''}.csv"
-        atomic_write(path, lambda tmp, t=table: t.to_csv(tmp, index=False))
+        exported = with_provenance(table, family)
+        atomic_write(path, lambda tmp, t=exported: t.to_csv(tmp, index=False))
         print(f"wrote {path}")
     path = write_html(figures, out / f"{stem}.html", title)
     print(f"wrote {path}")
@@ -96,7 +105,7 @@ def cmd_geometry(args: argparse.Namespace) -> int:
                F.tasks_per_weight_figure(g), F.ranks_figure(g)] + [F.spectrum_figure(g, k) for k in keys[-4:]]
     _write(args, "geometry", {"cosine": g.cosine.reset_index(names="task"), "block_cosine": g.block_cosine, "norms": g.norms, "conflicts": g.conflicts,
                               "tasks_per_weight": g.tasks_per_weight, "spectra": g.spectrum, "effective_rank": g.ranks},
-           figures, f"Task-vector geometry of {suite.name}")
+           figures, f"Task-vector geometry of {suite.name}", suite)
     return 0
 
 
@@ -111,7 +120,7 @@ def cmd_lambda_plane(args: argparse.Namespace) -> int:
     plane = lambda_plane(suite, pair[0], pair[1], lambda_grid(args.points, args.max_lambda), args.n or None, 0, args.cache_dir, args.device, line_progress())
     best = plane.best()
     print(f"highest mean accuracy at λ = {best}; TA (0.3, 0.3) is on the grid: {0.3 in plane.grid}")
-    _write(args, f"lambda_plane_{pair[0]}_{pair[1]}", {"": plane.frame()}, plane_heatmaps(plane), f"The λ plane of {pair[0]} and {pair[1]} ({suite.name})")
+    _write(args, f"lambda_plane_{pair[0]}_{pair[1]}", {"": plane.frame()}, plane_heatmaps(plane), f"The λ plane of {pair[0]} and {pair[1]} ({suite.name})", suite)
     return 0
 
 
@@ -142,7 +151,7 @@ def cmd_trajectory(args: argparse.Namespace) -> int:
         figures += [F.coefficient_heatmap(rows, tasks, values[0], steps[0]), F.coefficient_heatmap(rows, tasks, values[-1], steps[-1])]
     last = objective[objective["series"] == "objective"].iloc[[0, -1]]["value"].tolist()
     print(f"{result['title']}: objective {last[0]:.4f} -> {last[1]:.4f}; final average accuracy {result['average']:.2f} %")
-    _write(args, f"trajectory_{args.method}", tables, figures, f"{result['title']} on {suite.name}: the adaptation trajectory")
+    _write(args, f"trajectory_{args.method}", tables, figures, f"{result['title']} on {suite.name}: the adaptation trajectory", suite, result)
     return 0
 
 
@@ -159,7 +168,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
                F.profile_figure(profile, "cosine", f"{args.task}: cosine with the individual model per layer (band: 25-75 % over samples)")]
     figures += [F.cka_matrix_heatmap(m, f"{label} x individual: layer x layer CKA") for label, m in matrices.items()]
     tables = {"profile": profile, **{label.replace(" + ", "_").replace(" ", "_"): m.reset_index(names="layer") for label, m in matrices.items()}}
-    _write(args, f"layers_{args.base}_{args.task}", tables, figures, f"Layer by layer: {args.base} on {args.task} ({suite.name})")
+    _write(args, f"layers_{args.base}_{args.task}", tables, figures, f"Layer by layer: {args.base} on {args.task} ({suite.name})", suite)
     return 0
 
 
@@ -173,5 +182,5 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     print(r.round(3).to_string(index=False))
     rr = r.set_index("metric")
     figures = [metric_scatter(table, m, rr.loc[m, "pearson_r"], rr.loc[m, "spearman_r"]) for m in METRICS]
-    _write(args, "pairs", {"": table, "correlations": r}, figures, f"Does a metric predict the merge? ({suite.name}, {len(table)} pairs)")
+    _write(args, "pairs", {"": table, "correlations": r}, figures, f"Does a metric predict the merge? ({suite.name}, {len(table)} pairs)", suite)
     return 0
