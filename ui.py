@@ -17,6 +17,8 @@ from merging import artifacts, jobs
 from merging.device import default_device, default_preset
 from merging.errors import MergeLensError
 from merging.progress import time_left
+from merging.provenance import add_subtitle, check_one_family, family_label, with_provenance
+from merging.provenance import run_label as settings_label
 from merging.runs import RunConfig, cached_result, load_model
 from merging.suites import Suite, get_suite, input_stamp, is_built, list_suites
 
@@ -403,13 +405,13 @@ def label_colours(labels: list[str]) -> dict[str, str]:
     return {label: colours.get(method_of(label) or "", "#6b7280") for label in labels}
 
 
-def accuracy_bars(table: pd.DataFrame, title: str = "Per-task accuracy") -> None:
+def accuracy_bars(table: pd.DataFrame, family: str, title: str = "Per-task accuracy") -> None:
     order = row_order(list(table.index))
     long = table.loc[order].reset_index(names="method").melt(id_vars="method", var_name="task", value_name="accuracy")
     fig = px.bar(long, x="task", y="accuracy", color="method", barmode="group", title=title, height=420,
                  color_discrete_map=label_colours(order), category_orders={"method": order})
     fig.update_layout(yaxis_title="accuracy (%)", legend_title=None, margin=dict(t=50, b=10))
-    st.plotly_chart(fig, width="stretch")
+    chart(fig, family)
 
 
 def class_colours(classnames: list[str]) -> dict[str, str]:
@@ -543,24 +545,82 @@ def cost_figure(cost: pd.DataFrame, x: str, groups: Mapping[str, str] | None = N
     return fig
 
 
-def accuracy_tabs(table: pd.DataFrame, reference: str | None, filename: str, extra: list[str] | None = None) -> list:
-    """Bars, then tabs with the accuracy table and the normalized one (both downloadable); returns any ``extra`` tabs."""
+def family(suite: Suite) -> str:
+    """The suite's checkpoint family as one line: ``"mini8 · built-in · weights 1a2b3c4d"`` (computed once per loaded suite)."""
+    return family_label(suite.checkpoint_family)
+
+
+def chart(fig: go.Figure, family: str, where=None, run: dict | None = None, **kwargs):
+    """Every figure of the app is drawn here: its title gets the checkpoint family (and, for a one-run figure, the run's
+    hyperparameters, preset and data split) as a subtitle, so no number is shown without where it comes from."""
+    add_subtitle(fig, family + (f" · {settings_label(run)}" if run is not None else ""))
+    kwargs.setdefault("width", "stretch")
+    return (where or st).plotly_chart(fig, **kwargs)
+
+
+def _md(text: str) -> str:
+    return text.replace("_", "\\_").replace("*", "\\*")
+
+
+def provenance_caption(family: str, runs: Mapping[str, dict] | None = None, where=None) -> None:
+    """The family line above a table (and each row's hyperparameters, preset and data split); results of two checkpoint
+    families stop the page with one error line instead of sharing a table."""
+    where = where or st
+    if runs:
+        try:
+            check_one_family(runs.values())
+        except MergeLensError as e:
+            where.error(str(e))
+            st.stop()
+    where.caption(f"Checkpoints: **{_md(family)}**")
+
+
+def settings_md(result: dict) -> str:
+    """A run's hyperparameters, preset and data split (``merging.provenance.run_label``), escaped for markdown."""
+    return _md(settings_label(result))
+
+
+def runs_caption(runs: Mapping[str, dict], where=None) -> None:
+    """One caption naming each model's hyperparameters, preset and data split (figures and tables whose rows are models)."""
+    (where or st).caption("Settings: " + "; ".join(f"**{_md(label)}**: {_md(settings_label(r))}" for label, r in runs.items()))
+
+
+def settings_column(table: pd.DataFrame, runs: Mapping[str, dict] | None) -> pd.DataFrame:
+    """``table`` with a last column ``settings``: each row's run label (λ, preset, the split it adapted on)."""
+    if not runs:
+        return table
+    return table.assign(settings=[settings_label(runs[i]) if i in runs else "" for i in table.index])
+
+
+def accuracy_tabs(table: pd.DataFrame, reference: str | None, filename: str, extra: list[str] | None = None, *, suite: Suite,
+                  runs: Mapping[str, dict] | None = None) -> list:
+    """Bars, then tabs with the accuracy table and the normalized one (both downloadable); returns any ``extra`` tabs.
+    Above the tables the checkpoint family; in them a ``settings`` column (``runs``: row label -> its result); in their
+    CSVs every provenance column."""
     from merging.evaluation import normalized_table
 
     table = table.loc[row_order(list(table.index))]
+    numbers = list(table.columns)
+    provenance_caption(family(suite), runs)
     tabs = st.tabs(["Accuracy (%)", "Normalized (% of individual)", *(extra or [])])
     with tabs[0]:
-        st.dataframe(table.style.format("{:.1f}").background_gradient(cmap="Blues", axis=None), width="stretch")
-        download_csv(table, f"{filename}.csv")
+        st.dataframe(settings_column(table, runs).style.format("{:.1f}", subset=numbers).background_gradient(cmap="Blues", axis=None, subset=numbers),
+                     width="stretch")
+        download_csv(table, f"{filename}.csv", checkpoints=suite.checkpoint_family, runs=runs)
     with tabs[1]:
         if reference in table.index:
             norm = normalized_table(table, reference=reference)
-            st.dataframe(norm.style.format("{:.1f}").background_gradient(cmap="Greens", axis=None), width="stretch")
-            download_csv(norm, f"{filename}_normalized.csv")
+            st.dataframe(settings_column(norm, runs).style.format("{:.1f}", subset=numbers).background_gradient(cmap="Greens", axis=None, subset=numbers),
+                         width="stretch")
+            download_csv(norm, f"{filename}_normalized.csv", checkpoints=suite.checkpoint_family, runs=runs)
         else:
             st.caption("Add Individual to the methods to normalize.")
     return tabs[2:]
 
 
-def download_csv(table: pd.DataFrame, name: str, label: str = "Download CSV") -> None:
-    st.download_button(label, table.to_csv(float_format="%.2f").encode(), file_name=name, mime="text/csv")
+def download_csv(table: pd.DataFrame, name: str, label: str = "Download CSV", *, checkpoints: Mapping | None,
+                 runs: Mapping[str, dict] | None = None, key=None) -> None:
+    """A CSV of ``table`` with its provenance columns (``merging.provenance.with_provenance``): each row's run where
+    ``runs`` maps the row to its result, else the checkpoint family (suite, layout, weights). Plain CSV: pandas reads it."""
+    exported = with_provenance(table, checkpoints, runs, key)
+    st.download_button(label, exported.to_csv(float_format="%.2f").encode(), file_name=name, mime="text/csv")

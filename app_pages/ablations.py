@@ -10,6 +10,7 @@ from merging import sweeps
 from merging.errors import MergeLensError
 from merging.jobs import SweepJob
 from merging.methods import METHODS, specs
+from merging.provenance import family_label, family_of
 
 ui.restore_from_url("abl-")
 settings = ui.sidebar()
@@ -52,7 +53,7 @@ def new_sweep() -> sweeps.SweepConfig:
     return sweeps.SweepConfig(settings["suite"], method, grid, preset=preset, seeds=tuple(seeds))
 
 
-def line_plot(table, x: str, by: str, title: str, y_label: str) -> None:
+def line_plot(table, x: str, by: str, title: str, y_label: str, family: str) -> None:
     """Mean against ``x``, one line per ``by`` value, with a band of +-1 std over seeds."""
     fig, colors = go.Figure(), px.colors.qualitative.Plotly
     for i, (name, g) in enumerate(table.groupby(by, sort=False)):
@@ -63,16 +64,16 @@ def line_plot(table, x: str, by: str, title: str, y_label: str) -> None:
                             fillcolor=rgba, line=dict(width=0), hoverinfo="skip", showlegend=False)
         fig.add_scatter(x=xs, y=g["mean"], mode="lines+markers", name=str(name), line=dict(color=color, width=3 if name == "average" else 1.5))
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y_label, height=420, margin=dict(t=50, b=10), xaxis_type="category")
-    st.plotly_chart(fig, width="stretch")
+    ui.chart(fig, family)
 
 
 def show_curves(frame, x: str, by: str, metric: str, stem: str) -> None:
     label = "accuracy (%)" if metric == "accuracy" else "mean L1 distance to the experts"
     table = sweeps.curves(frame, x, by, metric)
-    line_plot(table, x, by, f"{'Accuracy' if metric == 'accuracy' else 'L1 bias'} vs {x}" + ("" if by == "task" else f", average, by {by}"), label)
+    line_plot(table, x, by, f"{'Accuracy' if metric == 'accuracy' else 'L1 bias'} vs {x}" + ("" if by == "task" else f", average, by {by}"), label, family)
     with st.expander("Table"):
         st.dataframe(table, width="stretch", hide_index=True)
-        ui.download_csv(table.set_index([x, by]), f"{stem}_{metric}_{x}_by_{by}.csv")
+        ui.download_csv(table.set_index([x, by]), f"{stem}_{metric}_{x}_by_{by}.csv", checkpoints=checkpoints)
 
 
 if st.session_state.get("abl-sweep", options[0]) not in options:
@@ -96,7 +97,13 @@ try:
 except MergeLensError as e:
     st.error(str(e))
     st.stop()
-st.caption(f"{config.method} on {config.suite}; swept: {', '.join(f'{k} = {v}' for k, v in config.grid.items())}; seeds {list(config.seeds)}. "
+made_on = finished[key].get("suite_fingerprint") if kind == "done" else None
+if kind != "done" or (ui.suite_is_built(config.suite) and made_on == ui.load_suite(config.suite).fingerprint):
+    checkpoints = ui.load_suite(config.suite).checkpoint_family
+else:  # a record made on other inputs: the family it recorded (a sweep made before sweeps recorded it: weights unknown)
+    checkpoints = finished[key].get("checkpoints") or family_of({"suite": config.suite})
+family = family_label(checkpoints)
+st.caption(f"Checkpoints: **{family}** · {config.method} on {config.suite}; swept: {', '.join(f'{k} = {v}' for k, v in config.grid.items())}; seeds {list(config.seeds)}. "
            "Bands: ±1 std over seeds (per-task curves of a two-key sweep also spread over the other key).")
 
 
@@ -128,9 +135,9 @@ if len(axes) == 2:
         fig.update_xaxes(type="category")  # swept values are categories (ranks, versions): one labelled cell each, not a numeric axis
         fig.update_yaxes(type="category")
         fig.update_layout(title=f"{metric} (mean over seeds)", height=380, margin=dict(t=50, b=10))
-        st.plotly_chart(fig, width="stretch")
+        ui.chart(fig, family)
         st.dataframe(heat.style.format(f"{{:.{digits}f}}"), width="stretch")
-        ui.download_csv(heat, f"{stem}_{metric}_heatmap.csv")
+        ui.download_csv(heat, f"{stem}_{metric}_heatmap.csv", checkpoints=checkpoints)
 with st.expander("All points (one row per point × task)"):
     st.dataframe(frame, width="stretch", hide_index=True)
-    ui.download_csv(frame.set_index(axes + ["seed", "task"]), f"{stem}.csv", "Download the whole sweep")
+    ui.download_csv(frame.set_index(axes + ["seed", "task"]), f"{stem}.csv", "Download the whole sweep", checkpoints=checkpoints)

@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import streamlit as st
 
 import ui
@@ -117,11 +118,13 @@ done = {label: r for label, r in results.items() if r is not None}
 if len(done) > 0:
     labels = {label: ui.run_label(r) for label, r in done.items()}
     table = accuracy_table({labels[k]: r["accuracy"] for k, r in done.items()}, suite.tasks)
-    ui.accuracy_bars(table.drop(columns="avg"))
-    (tab_cost,) = ui.accuracy_tabs(table, labels.get("individual"), f"{name}_accuracy", ["Cost"])
+    runs = {labels[k]: r for k, r in done.items()}
+    ui.accuracy_bars(table.drop(columns="avg"), ui.family(suite))
+    (tab_cost,) = ui.accuracy_tabs(table, labels.get("individual"), f"{name}_accuracy", ["Cost"], suite=suite, runs=runs)
     with tab_cost:
         cost = {labels[k]: {"trainable params": r["parameters"]["trainable"], "total params": r["parameters"]["total"],
                             "adapt s": round(r["seconds"]["adapt"], 2), "evaluate s": round(r["seconds"]["evaluate"], 2)} for k, r in done.items()}
-        st.dataframe(cost, width="stretch")
+        st.dataframe(ui.settings_column(pd.DataFrame(cost).T, runs), width="stretch")
     pick = st.selectbox("Export a run as FusionBench program_report.json", list(done), format_func=lambda k: labels[k], key="merge-export")
+    st.caption(f"With a provenance block: checkpoints **{ui.family(suite)}** · {ui.settings_md(done[pick])}")
     st.download_button("Download report", json.dumps(program_report(done[pick]), indent=2), file_name=f"{pick}_program_report.json", mime="application/json")

@@ -43,9 +43,10 @@ done = {m: r for m, r in results.items() if r is not None}
 if not done:
     st.stop()
 labels = {m: METHODS[m].title for m in done}
+runs, family = {labels[m]: r for m, r in done.items()}, ui.family(suite)
 table = accuracy_table({labels[m]: r["accuracy"] for m, r in done.items()}, suite.tasks)
-ui.accuracy_bars(table.drop(columns="avg"), "Per-task accuracy, side by side")
-(tab_cost,) = ui.accuracy_tabs(table, labels.get("individual"), f"{name}_{preset}_comparison", ["Accuracy vs cost"])
+ui.accuracy_bars(table.drop(columns="avg"), family, "Per-task accuracy, side by side")
+(tab_cost,) = ui.accuracy_tabs(table, labels.get("individual"), f"{name}_{preset}_comparison", ["Accuracy vs cost"], suite=suite, runs=runs)
 with tab_cost:
     cost = pd.DataFrame({labels[m]: {"average accuracy": r["average"], "extra storage (MB)": r["storage"]["extra_mb"],
                                      "unlabeled images used": r["data"]["images"], "adaptation seconds": r["seconds"]["adapt"],
@@ -53,15 +54,15 @@ with tab_cost:
                                      "data split": r["data"]["split"] or "none"} for m, r in done.items()}).T
     cost = cost.loc[ui.row_order(list(cost.index))]
     x = st.radio("Cost", ["extra storage (MB)", "unlabeled images used", "adaptation seconds", "trainable params"], horizontal=True, key="cmp-cost-x")
-    st.plotly_chart(ui.cost_figure(cost, x, cost["group"].to_dict()), width="stretch")
+    ui.chart(ui.cost_figure(cost, x, cost["group"].to_dict()), family)
     st.caption("★ references · ● one merged model, no data · ■ storage lane: a per-task part chosen by the task id at inference "
                "(compression more than merging) · ◆ learns from unlabeled images. The dotted line is the Pareto front: no method "
                "left of it is more accurate. Extra storage is what a method stores beyond one merged model (Individual: the other "
                "T − 1 fine-tuned models); images are each method's unlabeled images (test-time adaptation: the test sets; FeatCal: "
                "a few train images per task).")
-    st.dataframe(cost.style.format({"average accuracy": "{:.1f}", "adaptation seconds": "{:.1f}", "extra storage (MB)": "{:.3f}",
+    st.dataframe(ui.settings_column(cost, runs).style.format({"average accuracy": "{:.1f}", "adaptation seconds": "{:.1f}", "extra storage (MB)": "{:.3f}",
                                     "unlabeled images used": "{:,.0f}", "trainable params": "{:,.0f}"}), width="stretch")
-    ui.download_csv(cost, f"{name}_{preset}_cost.csv")
+    ui.download_csv(cost, f"{name}_{preset}_cost.csv", checkpoints=suite.checkpoint_family, runs=runs)
 
 # Lazy tabs (only the open one runs and is sent to the browser): a returning visitor waits for the charts they look at,
 # not for every routing heatmap and matrix of the page (BENCHMARKS.md, "Cached views")
@@ -77,23 +78,24 @@ if "WEMoE routing" in details and details["WEMoE routing"].open:
         blocks = done["wemoe"]["info"]["blocks"]
         own = pd.DataFrame({t: [routing[t][b][i] for b in range(len(blocks))] for i, t in enumerate(suite.tasks)}, index=[f"block {b}" for b in blocks]).T
         c1, c2 = st.columns(2)
-        c1.plotly_chart(px.imshow(own, text_auto=".2f", color_continuous_scale="Viridis", aspect="auto",
-                                  title="Weight of a task's own task vector, per block", labels={"x": "MoE block", "y": "test images of task", "color": "r"}), width="stretch")
+        ui.chart(px.imshow(own, text_auto=".2f", color_continuous_scale="Viridis", aspect="auto", title="Weight of a task's own task vector, per block",
+                           labels={"x": "MoE block", "y": "test images of task", "color": "r"}), family, c1, done["wemoe"])
         b = c2.selectbox("Block", range(len(blocks)), format_func=lambda i: f"block {blocks[i]}", key="cmp-block", **ui.initial("cmp-block", index=len(blocks) - 1))
         per_block = pd.DataFrame([routing[t][b] for t in suite.tasks], index=suite.tasks, columns=suite.tasks)
-        c2.plotly_chart(px.imshow(per_block, text_auto=".2f", color_continuous_scale="Viridis", aspect="auto",
-                                  title=f"Mean routing weight in block {blocks[b]}", labels={"x": "expert task vector", "y": "test images of task", "color": "r"}), width="stretch")
+        ui.chart(px.imshow(per_block, text_auto=".2f", color_continuous_scale="Viridis", aspect="auto", title=f"Mean routing weight in block {blocks[b]}",
+                           labels={"x": "expert task vector", "y": "test images of task", "color": "r"}), family, c2, done["wemoe"])
         task = st.selectbox("Per-sample routing for the test images of", suite.tasks, key="cmp-route-task")
         samples = ui.routing_samples(done["wemoe"], name, task)
-        st.plotly_chart(px.box(samples, x="expert", y="weight", color="block", points=False,
-                               title=f"Routing weights of {len(samples['sample'].unique())} {task} test images"), width="stretch")
+        ui.chart(px.box(samples, x="expert", y="weight", color="block", points=False,
+                        title=f"Routing weights of {len(samples['sample'].unique())} {task} test images"), family, run=done["wemoe"])
 
 if "Model Tinting: the confidence filter" in details and details["Model Tinting: the confidence filter"].open:
     with details["Model Tinting: the confidence filter"]:
         st.subheader("Model Tinting: the confidence filter")
         kept = done["tinting"]["info"]["kept_fraction"]
         frame = pd.DataFrame(kept).reset_index(names="epoch").melt(id_vars="epoch", var_name="task", value_name="kept fraction")
-        st.plotly_chart(px.line(frame, x="epoch", y="kept fraction", color="task", title="Fraction of each batch kept by the filter, per epoch"), width="stretch")
+        ui.chart(px.line(frame, x="epoch", y="kept fraction", color="task", title="Fraction of each batch kept by the filter, per epoch"), family,
+                 run=done["tinting"])
 
 if details["Cross-task accuracy"].open:
     with details["Cross-task accuracy"]:
@@ -110,6 +112,7 @@ if details["Cross-task accuracy"].open:
             ui.job_panel(ui.start_job(RunsJob(name, (configs[which],), device, cross_task=True), automatic=True), "Cross-task matrix")
             st.stop()
         matrix = ui.cross_task(done[which], name)
-        st.plotly_chart(px.imshow(matrix, text_auto=".0f", color_continuous_scale="Blues", aspect="auto", labels={"x": "head / test set j", "y": "encoder adapted for i", "color": "acc %"}), width="stretch")
-        ui.download_csv(matrix, f"{name}_{which}_cross_task.csv")
+        ui.chart(px.imshow(matrix, text_auto=".0f", color_continuous_scale="Blues", aspect="auto", title=f"{labels[which]}: encoder i x head j",
+                           labels={"x": "head / test set j", "y": "encoder adapted for i", "color": "acc %"}), family, run=done[which])
+        ui.download_csv(matrix, f"{name}_{which}_cross_task.csv", checkpoints=suite.checkpoint_family, runs={t: done[which] for t in matrix.index})
 ui.save_to_url("cmp-", skip=("cmp-run", "cmp-job"))

@@ -68,6 +68,7 @@ if not ready:
     st.stop()
 
 suite = ui.load_suite(name)
+family, runs = ui.family(suite), ui.cached_results(suite, configs, device)
 task, color = chosen("bias-task", suite.tasks), chosen("bias-color", COLOURS)
 # Lazy tabs (only the open one runs and is sent): a returning visitor's scatter is not kept waiting by the
 # metrics table's and the per-layer chart's scripts in the browser (BENCHMARKS.md, "The dashboard")
@@ -77,7 +78,8 @@ if tab_projection.open:
     with tab_projection:
         fig = ui.bias_scatter(name, configs, device, n, task, projection, tuple(VIEWS[view]), color,
                               title=f"{task}: {projection.upper()} of the final features ({METHODS[base].title}, {view})")
-        event = st.plotly_chart(fig, on_select="rerun", selection_mode=("box", "lasso"), key="bias-scatter", width="stretch")
+        event = ui.chart(fig, family, on_select="rerun", selection_mode=("box", "lasso"), key="bias-scatter")
+        ui.runs_caption(runs)
 draw_controls(suite.tasks)
 ui.warm_up_projections()  # only now: while the job runs, numba's compile would slow it (the job fits the first view itself)
 metrics = ui.bias_metrics(name, configs, device, n)
@@ -120,6 +122,8 @@ if tab_projection.open:
 if tab_metrics.open:
     with tab_metrics:
         st.markdown("**Every task's bias against the individual model, final features**")
+        ui.provenance_caption(family, runs)
+        ui.runs_caption(runs)
         surgery_summary()
         table = final.pivot_table(index=["task", "model"], columns="metric", values="value", sort=False)
         cols = [c for c in ("l1", "l2", "cosine", "cka", "knn_overlap", "accuracy") if c in table.columns]
@@ -127,11 +131,12 @@ if tab_metrics.open:
         st.dataframe(shown.style.format("{:.3f}"), width="stretch")
         st.caption(f"Accuracy here is on the {n} stratified test images per task that the metrics use, not the whole test set "
                    "(the Overview and Method comparison pages give that).")
-        ui.download_csv(shown, f"{name}_bias_metrics.csv")
+        ui.download_csv(shown, f"{name}_bias_metrics.csv", checkpoints=suite.checkpoint_family, runs=runs, key=lambda i: i[1])
 if tab_layers.open:
     with tab_layers:
         layered = metrics[(metrics["metric"] == "l1") & (metrics["model"] != "individual") & (metrics["task"] == task)]
-        st.plotly_chart(ui.layer_figure(layered, f"{task}: mean L1 distance per block (vs the individual model)"), width="stretch")
+        ui.chart(ui.layer_figure(layered, f"{task}: mean L1 distance per block (vs the individual model)"), family)
+        ui.runs_caption(runs)
         st.caption("Surgery (V1) acts on the final features only, so its blocks equal the base merge's; FeatCal recalibrates every "
                    "block, so its curve departs from the first block on.")
 if tab_fixes.open:
@@ -153,8 +158,9 @@ if tab_fixes.open:
         elif picked:
             fixes = ui.bias_metrics(name, fix_configs, device, n)
             fixes = fixes[(fixes["layer"] == "final") & (fixes["metric"] == "l1") & (fixes["model"] != "individual")]
-            st.plotly_chart(ui.fix_bias_figure(fixes, [METHODS[b].title for b in picked], list(FIXES)), width="stretch")
+            ui.chart(ui.fix_bias_figure(fixes, [METHODS[b].title for b in picked], list(FIXES)), family)
             st.caption(f"Mean L1 distance of each task's final features to the individual model's, on the {n} sampled test images "
                        "per task; lower is less representation bias. Surgery and SurgeryV2 train on unlabeled test images, FeatCal "
                        "calibrates on unlabeled train images.")
-            ui.download_csv(fixes.pivot_table(index="task", columns="model", values="value", sort=False), f"{name}_bias_by_fix.csv")
+            ui.download_csv(fixes.pivot_table(index="task", columns="model", values="value", sort=False), f"{name}_bias_by_fix.csv",
+                            checkpoints=suite.checkpoint_family)

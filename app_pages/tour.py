@@ -38,6 +38,7 @@ if presenter:
 settings = ui.sidebar()  # drawn (hidden in presenter view) so the suite and preset stay the app's
 name, preset, device = settings["suite"], settings["preset"], settings["device"]
 suite = ui.require_suite(name)
+family = ui.family(suite)  # every figure's subtitle: the checkpoints its numbers come from
 
 
 def paper(method: str) -> str:
@@ -107,8 +108,8 @@ if step == 1:
     task = task_picker()
     sizes = task_vector_sizes(suite, task)
     added = engine.score_added(task)
-    st.plotly_chart(ui_tour.task_vector_figure(sizes, task, engine.reference_accuracy["pretrained"], added, engine.n, presenter),
-                    width="stretch", key="tour-fig-1")
+    ui.chart(ui_tour.task_vector_figure(sizes, task, engine.reference_accuracy["pretrained"], added, engine.n, presenter), family,
+             key="tour-fig-1")
     if refs["pretrained"] and refs["individual"]:
         st.caption(f"On the whole {task} test set (cached runs): pretrained {refs['pretrained']['accuracy'][task]:.1f} %, fine-tuned "
                    f"{refs['individual']['accuracy'][task]:.1f} %. The bars are on {engine.n} stratified test images per task.")
@@ -133,7 +134,7 @@ elif step == 2:
         full = full_test_result(suite, name, method, scaling, density if method == "ties" else None, ui.CACHE_DIR, device)
         title = (f"{METHODS[method].title}, {knob}: average {point.average:.1f} % on the subsample"
                  + (f" · {full['average']:.1f} % on the full test set (cached run)" if full else ""))
-        st.plotly_chart(ui_tour.whatif_figure(engine, point, task, title, presenter), width="stretch", key="tour-fig-2")
+        ui.chart(ui_tour.whatif_figure(engine, point, task, title, presenter), family, key="tour-fig-2")
         landed = (f"**Full test set** (cached run at this setting): average **{full['average']:.1f} %**, {task} {full['accuracy'][task]:.1f} %. "
                   if full else "No cached run at this setting: accuracy on the subsample only. ")
         st.caption(landed + f"Accuracy on {engine.n} stratified test images per task; {PROJECTION_LABEL}; mean L1 bias on {task}: "
@@ -147,7 +148,7 @@ elif step == 3:
     if refs["task_arithmetic"] and refs["individual"]:
         labels = {"task_arithmetic": "Task Arithmetic (λ = 0.3)", "individual": "Individual (fine-tuned per task)"}
         table = accuracy_table({labels[m]: refs[m]["accuracy"] for m in labels}, suite.tasks)
-        st.plotly_chart(ui_tour.cost_figure(table, labels["task_arithmetic"], labels["individual"], presenter), width="stretch", key="tour-fig-3")
+        ui.chart(ui_tour.cost_figure(table, labels["task_arithmetic"], labels["individual"], presenter), family, key="tour-fig-3")
         if not presenter:
             st.caption("Bars: accuracy on each task's full test set from the cached runs; the numbers above the red bars are the merge's "
                        "loss against the individual model, in points.")
@@ -182,7 +183,7 @@ elif step in (4, 5):
             drop = 100 * (1 - l1["merged + Surgery"] / l1["merged"])
             title = f"{task}: after Surgery, mean L1 {l1.loc[task, 'merged']:.3f} → {l1.loc[task, 'merged + Surgery']:.3f} (−{drop[task]:.0f} %)"
         fig = ui_tour.bias_figure(frame, l1[cols], task, shown, title, BIAS_PROJECTION.upper(), presenter)
-        st.plotly_chart(fig, width="stretch", key=f"tour-fig-{step}")
+        ui.chart(fig, family, key=f"tour-fig-{step}")
         note = frame.attrs.get("note", "")
         results = ui.cached_results(suite, configs, device)
         acc = {m: results[m]["accuracy"][task] for m in configs}
@@ -211,7 +212,7 @@ elif step == 6:
                                  "seconds": r["seconds"]["adapt"], "uses": {"data-dependent": "unlabeled images", "reference": "labels"}.get(
                                      method_group(m), "weights only")} for m, r in done.items()}).T
         rows[["average", "trainable", "seconds"]] = rows[["average", "trainable", "seconds"]].astype(float)
-        st.plotly_chart(ui_tour.fixes_figure(rows, presenter), width="stretch", key="tour-fig-6")
+        ui.chart(ui_tour.fixes_figure(rows, presenter), family, key="tour-fig-6")
         if not presenter:
             st.caption(f"Full test sets, the {preset} preset, adaptation seconds on this machine ({device}). Trainable: what a method "
                        "learns on top of the merged model; Individual's 'labels' are the fine-tuning of T separate models.")
@@ -228,7 +229,7 @@ elif step == 7:
     curves = {m: ui_tour.adaptation_curve(r) for m, r in results.items() if r is not None}
     if curves:
         finding = ui_tour.finding(curves)
-        st.plotly_chart(ui_tour.trajectory_figure(curves, presenter, finding["title"]), width="stretch", key="tour-fig-7")
+        ui.chart(ui_tour.trajectory_figure(curves, presenter, finding["title"]), family, key="tour-fig-7")
         st.markdown(finding["text"])
         if not presenter:
             st.caption("Test accuracy along the way is recorded for analysis only (the runs' analysis_test_accuracy option reads test "

@@ -21,7 +21,7 @@ st.caption("Views from the 2023-2026 merging papers on *why* a merge loses accur
            "accuracy moves with the coefficients, what test-time adaptation optimises, where representations drift, and which "
            "pairwise measurements foretell a merge. Each tab is also a CLI command (`python -m merging why ...`, CSV and HTML).")
 suite = ui.require_suite(name)
-tasks = suite.tasks
+tasks, family = suite.tasks, ui.family(suite)
 ADAPTIVE = [m for m in ("adamerging", "wemoe", "tinting", "surgery") if m in METHODS]
 BASES = [m for m in ("task_arithmetic", "ties", "weight_averaging") if m in METHODS and method_group(m) == "data-free, one model"]
 
@@ -49,10 +49,10 @@ if tabs["Trajectories"].open:
             ui.job_panel(ui.start_job(RunsJob(name, (config,), device), automatic=True), f"Running {METHODS[method].title}")
             st.stop()
         objective = T.objective_frame(result)
-        st.plotly_chart(F.objective_figure(objective, f"{result['title']}: the objective it minimises and its parts (per task)"), width="stretch")
+        ui.chart(F.objective_figure(objective, f"{result['title']}: the objective it minimises and its parts (per task)"), family, run=result)
         accuracy = T.accuracy_frame(result)
         if accuracy is not None:
-            st.plotly_chart(F.accuracy_trajectory_figure(accuracy, "Test accuracy at the same points (analysis only: reads test labels)"), width="stretch")
+            ui.chart(F.accuracy_trajectory_figure(accuracy, "Test accuracy at the same points (analysis only: reads test labels)"), family, run=result)
         else:
             st.caption("Turn on the analysis option above to see test accuracy at the same points.")
         coefs = T.coefficients(result)
@@ -60,26 +60,27 @@ if tabs["Trajectories"].open:
             steps, rows, ctasks, values = coefs
             keep("why-traj-step", steps)
             step = st.select_slider("Coefficients after update", steps, value=steps[-1], key="why-traj-step")
-            st.plotly_chart(F.coefficient_heatmap(rows, ctasks, values[steps.index(step)], step), width="stretch")
-        ui.download_csv(objective, f"{name}_{method}_trajectory.csv")
+            ui.chart(F.coefficient_heatmap(rows, ctasks, values[steps.index(step)], step), family, run=result)
+        ui.download_csv(objective, f"{name}_{method}_trajectory.csv", checkpoints=suite.checkpoint_family,
+                        runs=dict.fromkeys(objective.index, result))
 
 if tabs["Geometry"].open:
     with tabs["Geometry"]:
         g = ui_why.geometry(name)
         blocks = F.block_order(g.block_cosine["block"])
         c1, c2 = st.columns(2)
-        c1.plotly_chart(F.cosine_heatmap(g.cosine, "Cosine of the task vectors, whole model"), width="stretch")
+        ui.chart(F.cosine_heatmap(g.cosine, "Cosine of the task vectors, whole model"), family, c1)
         block = c2.select_slider("Block", blocks, key="why-geo-block")
-        c2.plotly_chart(F.block_cosine_heatmap(g, block), width="stretch")
+        ui.chart(F.block_cosine_heatmap(g, block), family, c2)
         c1, c2 = st.columns(2)
-        c1.plotly_chart(F.norms_figure(g), width="stretch")
-        c2.plotly_chart(F.tasks_per_weight_figure(g), width="stretch")
-        st.plotly_chart(F.conflicts_figure(g), width="stretch")
+        ui.chart(F.norms_figure(g), family, c1)
+        ui.chart(F.tasks_per_weight_figure(g), family, c2)
+        ui.chart(F.conflicts_figure(g), family)
         keys = list(dict.fromkeys(g.spectrum["key"]))
         key = st.selectbox("Matrix", keys, index=len(keys) - 1 if keys else 0, key="why-geo-key")
         c1, c2 = st.columns(2)
-        c1.plotly_chart(F.spectrum_figure(g, key), width="stretch")
-        c2.plotly_chart(F.ranks_figure(g), width="stretch")
+        ui.chart(F.spectrum_figure(g, key), family, c1)
+        ui.chart(F.ranks_figure(g), family, c2)
         st.caption("Dotted: each task's update τₜ; solid: the merged update θ − θ₀ of task arithmetic (λ 0.3) and the SVD merges at their defaults. "
                    "Effective rank: exp of the entropy of σ/Σσ (Roy and Vetterli 2007).")
 
@@ -94,12 +95,12 @@ if tabs["λ plane"].open:
         task_j = c2.selectbox("Task j", [t for t in tasks if t != task_i], key="why-plane-j")
         plane = ui_why.plane(name, task_i, task_j)
         for col, fig in zip(st.columns(3), F.plane_heatmaps(plane), strict=True):
-            col.plotly_chart(fig, width="stretch")
+            ui.chart(fig, family, col)
         best = plane.best()
         st.caption(f"θ₀ + λᵢτᵢ + λⱼτⱼ on an 11×11 grid, {ui_why.N} stratified test images per task. ✕: task arithmetic at 0.3; ★: the highest mean "
                    f"accuracy ({best[0]:g}, {best[1]:g}), a description of the plane, not a tuned choice. ξ counts the images whose prediction differs "
                    "from the task's own single-task model θ₀ + λₜτₜ (Ortiz-Jiménez et al. 2023).")
-        ui.download_csv(plane.frame(), f"{name}_lambda_plane_{task_i}_{task_j}.csv")
+        ui.download_csv(plane.frame(), f"{name}_lambda_plane_{task_i}_{task_j}.csv", checkpoints=suite.checkpoint_family)
 
 if tabs["Layer by layer"].open:
     with tabs["Layer by layer"]:
@@ -114,11 +115,12 @@ if tabs["Layer by layer"].open:
             st.stop()
         profile, matrices = layer_view(ui.load_suite(name), base, task, ui_why.N, preset, cache_dir=ui.CACHE_DIR, device=device)
         c1, c2 = st.columns(2)
-        c1.plotly_chart(F.profile_figure(profile, "cka", "CKA with the individual model (band: 25-75 % of resamples)"), width="stretch")
-        c2.plotly_chart(F.profile_figure(profile, "cosine", "Cosine with the individual model (band: 25-75 % of samples)"), width="stretch")
+        ui.chart(F.profile_figure(profile, "cka", "CKA with the individual model (band: 25-75 % of resamples)"), family, c1)
+        ui.chart(F.profile_figure(profile, "cosine", "Cosine with the individual model (band: 25-75 % of samples)"), family, c2)
         which = st.radio("Layer x layer CKA of", list(matrices), index=1, horizontal=True, key="why-layer-matrix")
-        st.plotly_chart(F.cka_matrix_heatmap(matrices[which], f"{which} (rows) x individual (columns), {task}"), width="stretch")
-        ui.download_csv(profile, f"{name}_{base}_{task}_layers.csv")
+        ui.chart(F.cka_matrix_heatmap(matrices[which], f"{which} (rows) x individual (columns), {task}"), family)
+        ui.runs_caption(ui.cached_results(suite, configs, device))
+        ui.download_csv(profile, f"{name}_{base}_{task}_layers.csv", checkpoints=suite.checkpoint_family)
 
 if tabs["Metric vs merge"].open:
     with tabs["Metric vs merge"]:
@@ -126,9 +128,9 @@ if tabs["Metric vs merge"].open:
         r = correlations(table).set_index("metric")
         metric = st.radio("Metric", METRICS, horizontal=True, key="why-pairs-metric",
                           index=int(r["pearson_r"].abs().fillna(-1).to_numpy().argmax()))
-        st.plotly_chart(F.metric_scatter(table, metric, r.loc[metric, "pearson_r"], r.loc[metric, "spearman_r"]), width="stretch")
+        ui.chart(F.metric_scatter(table, metric, r.loc[metric, "pearson_r"], r.loc[metric, "spearman_r"]), family)
         st.dataframe(r.style.format("{:.3f}", subset=["pearson_r", "pearson_p", "spearman_r", "spearman_p"]), width="stretch")
         st.caption(f"Each point: one of the {len(table)} task pairs, merged by task arithmetic (λ 0.3) on its two tasks; its accuracy normalized by the "
                    "individual models. The metric shown first is the one with the largest |Pearson r|.")
-        ui.download_csv(table, f"{name}_pairs.csv")
+        ui.download_csv(table, f"{name}_pairs.csv", checkpoints=suite.checkpoint_family)
 ui.save_to_url("why-", skip=("why-traj-step",))

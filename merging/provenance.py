@@ -10,7 +10,7 @@ family (no ``"checkpoints"``) gets what can be derived and "weights unknown".
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pandas as pd
@@ -148,19 +148,23 @@ def family_columns(checkpoints: Mapping[str, Any] | None) -> dict[str, str]:
     return {k: str(family.get(k) or UNKNOWN) for k in ("suite", "layout", "weights")}
 
 
-def with_provenance(table: pd.DataFrame, checkpoints: Mapping[str, Any] | None, runs: Mapping[Any, Mapping[str, Any]] | None = None) -> pd.DataFrame:
+def with_provenance(table: pd.DataFrame, checkpoints: Mapping[str, Any] | None, runs: Mapping[Any, Mapping[str, Any]] | None = None,
+                    key: Callable[[Any], Any] | None = None) -> pd.DataFrame:
     """``table`` with provenance columns appended, ready for a CSV: per row (``provenance_columns``) where ``runs`` maps the
-    row's index to its result, else the family's columns (suite, layout, weights). Rows of two families raise (``check_one_family``)."""
+    row's index (or ``key(index)``, e.g. one level of a MultiIndex) to its result, else the family's columns (suite, layout,
+    weights). Rows of two families raise (``check_one_family``)."""
     out = table.copy()
     if runs:
         check_one_family(runs.values())
         blank = dict.fromkeys(COLUMNS, "") | family_columns(checkpoints)
-        rows = [provenance_columns(runs[i]) if i in runs else blank for i in out.index]
+        keys = [key(i) if key else i for i in out.index]
+        rows = [provenance_columns(runs[k]) if k in runs else blank for k in keys]
         for col in COLUMNS:
             out[col] = [r[col] for r in rows]
         return out
     for col, value in family_columns(checkpoints).items():
-        out[col] = value
+        if col not in out.columns:  # a table whose rows carry their own (a sweep's) keeps them
+            out[col] = value
     return out
 
 
