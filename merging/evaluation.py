@@ -23,21 +23,24 @@ def evaluate(
     batch_size: int = 256,
     device: str | None = None,
     progress: ProgressFn | None = None,
+    split: str = "test",
 ) -> dict[str, dict[str, float]]:
-    """``{task: {"accuracy": percent, "loss": mean cross-entropy}}`` on each task's labeled test set.
+    """``{task: {"accuracy": percent, "loss": mean cross-entropy}}`` on each task's labeled ``split`` (the test set;
+    ``val`` only to choose a hyperparameter, ``merging.selection``).
 
     Raises ``ConfigError`` on NaN or Inf logits: a model that computes no numbers has no accuracy (argmax of NaN is 0).
     """
     tasks = suite.check_tasks(list(tasks) if tasks is not None else model.tasks)
     device = device or default_device()
+    data = {t: suite.data[t].split(split) for t in tasks}
     model.eval().to(device)
-    jobs = [(t, b) for t in tasks for b in range(0, len(suite.data[t].test_images), batch_size)]
+    jobs = [(t, b) for t in tasks for b in range(0, len(data[t][0]), batch_size)]
     correct = dict.fromkeys(tasks, 0)
     loss = dict.fromkeys(tasks, 0.0)
     for task, start in track(jobs, desc="evaluating", progress=progress):
-        data = suite.data[task]
-        images = data.preprocess(data.test_images[start : start + batch_size]).to(device)
-        labels = data.test_labels[start : start + batch_size].to(device)
+        all_images, all_labels = data[task]
+        images = suite.data[task].preprocess(all_images[start : start + batch_size]).to(device)
+        labels = all_labels[start : start + batch_size].to(device)
         logits = model.logits(images, task).float()
         if not torch.isfinite(logits).all():
             raise ConfigError(
@@ -46,7 +49,7 @@ def evaluate(
             )
         correct[task] += int((logits.argmax(-1) == labels).sum())
         loss[task] += float(F.cross_entropy(logits, labels, reduction="sum"))
-    return {t: {"accuracy": 100.0 * correct[t] / len(suite.data[t].test_labels), "loss": loss[t] / len(suite.data[t].test_labels)} for t in tasks}
+    return {t: {"accuracy": 100.0 * correct[t] / len(data[t][1]), "loss": loss[t] / len(data[t][1])} for t in tasks}
 
 
 def accuracy_table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[str] | None = None) -> pd.DataFrame:

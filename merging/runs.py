@@ -3,6 +3,10 @@
 ``cache/runs/<key>/state.safetensors`` holds the trainable state a data-dependent method learned and
 ``result.json`` (written last, atomically) the accuracies and internals. A run is complete exactly
 when ``result.json`` exists; a killed run leaves at most temporary files that nothing reads.
+
+A run with ``scaling=auto`` first chooses λ on the suite's validation split (``merging.selection``): its key
+keeps ``"auto"`` (so it is cached apart from every fixed λ, and computed again when the validation data change),
+its result's ``params`` hold the chosen λ and ``selection`` the grid, the validation accuracies and the choice.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import inspect
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +27,16 @@ from merging.device import default_device, default_preset
 from merging.errors import CheckpointError, ConfigError
 from merging.evaluation import evaluate
 from merging.io import exclusive, load_json, load_state_dict, read_cached, remove_stale_temps, save_json, save_state_dict
-from merging.methods import BuildContext, MergeMethod, RunContext, RunInput, get_method, make_params, params_dict
+from merging.methods import BuildContext, MergeMethod, RunContext, RunInput, get_method, is_auto, make_params, params_dict
 from merging.model import MultiTaskModel
 from merging.progress import ProgressFn, scaled
+from merging.selection import grid_for, select_scaling
 from merging.storage import storage_report
 from merging.suites import Suite, get_suite
 
 CODE_VERSION = "1"
-_SHARED_SOURCES = ("model.py", "task_vectors.py", "evaluation.py", "methods/base.py", "svd.py", "masks.py", "modifiers.py", "storage.py")
+_SHARED_SOURCES = ("model.py", "task_vectors.py", "evaluation.py", "methods/base.py", "svd.py", "masks.py", "modifiers.py", "storage.py",
+                   "selection.py")
 
 
 @dataclass(frozen=True)
@@ -71,12 +77,22 @@ class RunConfig:
         return cls(str(raw.get("suite", "mini8")), str(raw["method"]), dict(params), raw.get("preset"), seed, tuple(tasks) if tasks else None)
 
     def resolve(self, device: str | None = None) -> tuple[MergeMethod, Any, str | None]:
-        """The method, its typed parameters, and the preset actually used (``fast`` on CPU, ``paper`` on GPU)."""
+        """The method, its typed parameters, and the preset actually used (``fast`` on CPU, ``paper`` on GPU).
+        ``scaling`` stays ``"auto"`` when asked for (``auto_scaling``): ``run`` chooses it on the validation split."""
         method = get_method(self.method)
         preset = self.preset
         if preset is None and method.presets:
             preset = default_preset(device)
-        return method, make_params(method, self.params, preset), preset
+        return method, make_params(method, self.params, preset, allow_auto=True), preset
+
+    def with_scaling(self, value: float) -> RunConfig:
+        """The same run at a fixed scaling coefficient (a grid point, or the λ an auto run chose)."""
+        return replace(self, params={**self.params, "scaling": value})
+
+
+def auto_scaling(params: Any) -> bool:
+    """Whether typed parameters ask for ``scaling=auto`` (chosen on the validation split by ``run``)."""
+    return is_auto(getattr(params, "scaling", None))
 
 
 @functools.cache
@@ -97,7 +113,8 @@ def code_version(method: MergeMethod) -> str:
 
 def run_key(config: RunConfig, suite: Suite, method: MergeMethod, params: Any) -> str:
     """The run's cache key: the fingerprint of the suite restricted to the run's tasks (every byte its
-    numbers depend on), the method, its typed parameters, the seed and the code version."""
+    numbers depend on, the validation split included), the method, its typed parameters, the seed and the
+    code version; with ``scaling=auto``, the grid λ is chosen from too."""
     tasks = list(config.tasks) if config.tasks and list(config.tasks) != list(suite.tasks) else None
     blob = {
         "suite": (suite.subset(tasks) if tasks else suite).fingerprint,
@@ -107,6 +124,8 @@ def run_key(config: RunConfig, suite: Suite, method: MergeMethod, params: Any) -
         "tasks": tasks,
         "code": code_version(method),
     }
+    if auto_scaling(params):
+        blob["grid"] = list(grid_for(method.name))
     digest = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"{method.name}-{digest}"
 
@@ -159,9 +178,13 @@ def build_model(
     config: RunConfig, suite: Suite, cache_dir: str | Path = "cache", device: str | None = None, progress: ProgressFn | None = None
 ) -> tuple[MultiTaskModel, MergeMethod, Any, str | None]:
     """The run's model at its initial state (before ``adapt``), its method, typed parameters and preset.
-    ``suite`` is the whole suite; ``config.tasks`` selects a subset."""
+    ``suite`` is the whole suite; ``config.tasks`` selects a subset. With ``scaling=auto`` the model at the λ
+    chosen on the validation split (its auto run is run, or loaded from the cache, first)."""
     device = device or default_device()
     method, params, preset = config.resolve(device)
+    if auto_scaling(params):
+        chosen = run(config, suite, cache_dir, device, progress)["params"]["scaling"]
+        return build_model(config.with_scaling(chosen), suite, cache_dir, device, progress)
     target = suite.subset(list(config.tasks)) if config.tasks else suite
     inputs = {name: input_model(spec, config, suite, cache_dir, device, progress) for name, spec in method.inputs(params).items()}
     torch.manual_seed(config.seed)
@@ -201,10 +224,26 @@ def run(
 
 def _compute(config: RunConfig, suite: Suite, method: MergeMethod, params: Any, preset: str | None, key: str,
              cache_dir: str | Path, device: str, progress: ProgressFn | None) -> dict:
-    """Build, adapt (data-dependent methods), check and evaluate the run's model; write its state and result."""
+    """Choose λ on the validation split (``scaling=auto``); build, adapt (data-dependent methods), check and
+    evaluate the run's model; write its state and result."""
     folder = run_dir(cache_dir, key)
     target = suite.subset(list(config.tasks)) if config.tasks else suite
-    model = build_model(config, suite, cache_dir, device, scaled(progress, 0.1, 0.2, "inputs: "))[0].to(device)
+    overrides = dict(config.params)
+    selection, t_select = None, 0.0
+    if auto_scaling(params):
+        t0 = time.perf_counter()
+
+        def at(value: float) -> MultiTaskModel:
+            model = build_model(config.with_scaling(value), suite, cache_dir, device)[0]
+            check_finite_model(model, config.with_scaling(value))
+            return model
+
+        selection = select_scaling(at, target, grid_for(method.name), device, scaled(progress, 0.1, 0.8, "choosing λ: "))
+        config = config.with_scaling(selection["chosen"])
+        params = config.resolve(device)[1]
+        t_select = time.perf_counter() - t0
+    start = 0.8 if selection else 0.1
+    model = build_model(config, suite, cache_dir, device, scaled(progress, start, start + 0.1, "inputs: "))[0].to(device)
     check_finite_model(model, config)
     t0 = time.perf_counter()
     info: dict = {}
@@ -229,7 +268,7 @@ def _compute(config: RunConfig, suite: Suite, method: MergeMethod, params: Any, 
         "title": method.title,
         "preset": preset,
         "params": params_dict(params),
-        "overrides": dict(config.params),
+        "overrides": overrides,
         "seed": config.seed,
         "tasks": list(target.tasks),
         "device": device,
@@ -239,8 +278,9 @@ def _compute(config: RunConfig, suite: Suite, method: MergeMethod, params: Any, 
         "parameters": count_parameters(model),
         "storage": storage_report(model, target.pretrained, target.heads),
         "data": method.data_used(params, target),
-        "seconds": {"adapt": t_adapt, "evaluate": t_eval},
+        "seconds": {"adapt": t_adapt, "evaluate": t_eval, **({"select": t_select} if selection else {})},
         "info": info,
+        **({"selection": selection} if selection else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     save_json(result, folder / "result.json")

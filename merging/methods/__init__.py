@@ -12,14 +12,17 @@ from typing import Any
 from merging.errors import ConfigError
 from merging.methods.adamerging import AdaMerging
 from merging.methods.base import (
+    AUTO,
     BuildContext,
     HyperparameterSpec,
     MergeMethod,
     RunContext,
     RunInput,
     StaticMergeMethod,
+    accepts_auto,
     build_params,
     hyperparameter_specs,
+    is_auto,
     method_choices,
     params_dict,
 )
@@ -96,11 +99,12 @@ def get_method(name: str) -> MergeMethod:
     return METHODS[name]
 
 
-def make_params(method: MergeMethod, overrides: Mapping[str, Any] | None = None, preset: str | None = None) -> Any:
+def make_params(method: MergeMethod, overrides: Mapping[str, Any] | None = None, preset: str | None = None, allow_auto: bool = False) -> Any:
     """A method's typed parameters: defaults, then ``preset``, then ``overrides`` (CLI/UI strings are converted;
     ``base.KEY=VALUE`` sets a nested base method's own). Raises ``ConfigError``, one line naming the method,
-    the hyperparameter, the value and what is allowed."""
-    return build_params(method, overrides, preset, METHODS)
+    the hyperparameter, the value and what is allowed. ``allow_auto``: ``scaling`` may stay ``"auto"``, for a
+    run to choose on the validation split (``merging.selection``)."""
+    return build_params(method, overrides, preset, METHODS, allow_auto)
 
 
 def specs(method: MergeMethod) -> list[HyperparameterSpec]:
@@ -114,6 +118,6 @@ def specs(method: MergeMethod) -> list[HyperparameterSpec]:
 
 
 __all__ = [
-    "BASELINES", "GROUPS", "METHODS", "REFERENCES", "STORAGE_LANE", "BuildContext", "HyperparameterSpec", "MergeMethod", "RunContext", "RunInput", "StaticMergeMethod",
-    "get_method", "list_methods", "make_params", "method_group", "params_dict", "specs",
+    "AUTO", "BASELINES", "GROUPS", "METHODS", "REFERENCES", "STORAGE_LANE", "BuildContext", "HyperparameterSpec", "MergeMethod", "RunContext", "RunInput", "StaticMergeMethod",
+    "accepts_auto", "get_method", "is_auto", "list_methods", "make_params", "method_group", "params_dict", "specs",
 ]  # fmt: skip

@@ -58,6 +58,20 @@ def nested_params(of: str, help: str) -> Any:
     return field(default_factory=dict, metadata={"help": help, "params_of": of})
 
 
+AUTO = "auto"
+"""``scaling=auto``: the scaling coefficient is chosen on the suite's validation split by a run (``merging.selection``)."""
+
+
+def is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == AUTO
+
+
+def accepts_auto(method: MergeMethod) -> bool:
+    """Whether ``scaling=auto`` applies: a data-free method whose ``Params`` has a float field named ``scaling``."""
+    hints = typing.get_type_hints(method.Params)
+    return not method.data_dependent and hints.get("scaling") is float
+
+
 FLOAT32_MAX = 3.4028234663852886e38
 """The largest float32: weights are float32, so a float hyperparameter beyond it can only give Inf."""
 
@@ -275,10 +289,13 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def build_params(method: MergeMethod, overrides: Mapping[str, Any] | None, preset: str | None, registry: Mapping[str, MergeMethod]) -> Any:
+def build_params(method: MergeMethod, overrides: Mapping[str, Any] | None, preset: str | None, registry: Mapping[str, MergeMethod],
+                 allow_auto: bool = False) -> Any:
     """Defaults, then the named preset, then ``overrides`` (strings are converted to the declared types),
     each value checked against its declared range and choices. ``registry`` resolves fields that name
-    another method and their nested parameters (``base.scaling=0.3`` or ``base_params={"scaling": 0.3}``)."""
+    another method and their nested parameters (``base.scaling=0.3`` or ``base_params={"scaling": 0.3}``).
+    With ``allow_auto`` (a run, which can choose it on the validation split), ``scaling`` may be ``"auto"``
+    (``AUTO``) for a method that ``accepts_auto``, here or in a nested base method's parameters."""
     hints = typing.get_type_hints(method.Params)
     specs = {h.name: h for h in hyperparameter_specs(method.Params)}
     nested_of = {h.params_of: h.name for h in specs.values() if h.params_of}
@@ -294,6 +311,9 @@ def build_params(method: MergeMethod, overrides: Mapping[str, Any] | None, prese
         prefix, dot, inner = k.partition(".")
         if dot and prefix in nested_of:
             nested.setdefault(nested_of[prefix], {})[inner] = v
+            continue
+        if k == "scaling" and is_auto(v):
+            values[k] = _auto(method, registry, allow_auto)
             continue
         if k not in specs:
             allowed = ", ".join(sorted(specs)) or "none"
@@ -317,7 +337,7 @@ def build_params(method: MergeMethod, overrides: Mapping[str, Any] | None, prese
     for name, given in nested.items():
         of = specs[name].params_of
         base = registry[values.get(of, specs[of].default)]
-        typed = params_dict(build_params(base, given, None, registry))
+        typed = params_dict(build_params(base, given, None, registry, allow_auto))
         values[name] = {k: typed[k] for k in given}
     try:
         params = method.Params(**values)
@@ -330,6 +350,19 @@ def build_params(method: MergeMethod, overrides: Mapping[str, Any] | None, prese
         except ConfigError as e:
             raise ConfigError(str(e) if str(e).startswith("method ") else f"method {method.name!r}: {e}") from None
     return params
+
+
+def _auto(method: MergeMethod, registry: Mapping[str, MergeMethod], allow_auto: bool) -> str:
+    """``AUTO`` for ``scaling`` where it applies, else one line saying where it does."""
+    if not accepts_auto(method):
+        able = ", ".join(n for n, m in registry.items() if accepts_auto(m))
+        why = "learns from data itself" if method.data_dependent else "has no scaling coefficient"
+        raise ConfigError(f"method {method.name!r}: scaling=auto picks the scaling coefficient on the validation split, but {method.name!r} {why}; "
+                          f"methods that accept it: {able}")
+    if not allow_auto:
+        raise ConfigError(f"method {method.name!r}: scaling=auto is chosen by a run on a suite's validation split "
+                          "(python -m merging run, merging.runs.run); here give a number")
+    return AUTO
 
 
 def method_choices(method: MergeMethod, name: str, registry: Mapping[str, MergeMethod]) -> tuple[str, ...]:

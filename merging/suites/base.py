@@ -1,13 +1,14 @@
 """A ``Suite``: pretrained encoder, one fine-tuned encoder and one fixed head per task, and each task's data.
 
 The analogue of FusionBench's model pool plus task pool (STYLE.md, FusionBench): methods read the
-weights and the unlabeled test images; evaluation reads the labeled test data.
+weights and the unlabeled test images; evaluation reads the labeled test data. A task may also hold a
+labeled validation split (``val``), read only to choose a hyperparameter (``merging.selection``), never the test split.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,25 @@ from merging.model import build_encoder, make_heads
 from merging.task_vectors import task_vectors
 
 StateDict = dict[str, torch.Tensor]
-_LOCATION_FIELDS = ("folder",)
+_LOCATION_FIELDS = ("folder", "val_from")
 """TaskData fields that say where the data lies, not what it is: moving a folder changes no result."""
+VAL_SEED = 0
+"""The seed of every validation split carved from a train split (``carve_indices``)."""
+
+
+def carve_indices(n: int, fraction: float, seed: int = VAL_SEED) -> torch.Tensor:
+    """A fixed random ``fraction`` of ``range(n)`` (at least one), sorted: the rows of a train split that form a
+    validation split. Deterministic in ``n``, ``fraction`` and ``seed``, so a saved suite carves the same images again."""
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"a validation fraction must lie strictly between 0 and 1, got {fraction!r}")
+    k = min(n, max(1, round(fraction * n)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[:k].sort().values
+
+
+def take(images: Any, indices: torch.Tensor) -> Any:
+    """``images`` at ``indices``: a tensor's rows, or a lazy image list's (``LazyImages.take``) without decoding any."""
+    return images[indices] if isinstance(images, torch.Tensor) else images.take(indices)
 
 
 @dataclass
@@ -37,6 +55,11 @@ class TaskData:
     train_labels: torch.Tensor | None = None
     mean: float = 0.5
     std: float = 0.25
+    val_images: torch.Tensor | None = None
+    """The labeled validation split, read only to choose a hyperparameter (``scaling=auto``), never to report a number."""
+    val_labels: torch.Tensor | None = None
+    val_from: str = ""
+    """Where the validation split came from, in words (a folder, or ``10 % of train (seed 0)``); empty when there is none."""
 
     def __post_init__(self) -> None:
         if len(self.test_images) == 0:
@@ -46,6 +69,23 @@ class TaskData:
         top = int(self.test_labels.max())
         if top >= len(self.classnames):
             raise DataError(f"task {self.name!r}: label {top} but only {len(self.classnames)} class names")
+        if (self.val_images is None) != (self.val_labels is None):
+            raise DataError(f"task {self.name!r}: a validation split needs both images and labels")
+        if self.val_images is not None:
+            if len(self.val_images) == 0 or len(self.val_images) != len(self.val_labels):
+                raise DataError(f"task {self.name!r}: {len(self.val_images)} validation images but {len(self.val_labels)} labels")
+            top = int(self.val_labels.max())
+            if top >= len(self.classnames) or int(self.val_labels.min()) < 0:
+                raise DataError(f"task {self.name!r}: validation label {top} is outside the {len(self.classnames)} classes")
+
+    def with_val_from_train(self, fraction: float) -> TaskData:
+        """This task with a validation split carved from its train split (``carve_indices``); the train split is left
+        as it is, so a model fine-tuned on train has seen these images (as users' checkpoints have seen their train split)."""
+        if self.train_images is None:
+            raise DataError(f"task {self.name!r}: no train split to carve a validation split from; add a val split instead")
+        rows = carve_indices(len(self.train_images), fraction)
+        return replace(self, val_images=take(self.train_images, rows), val_labels=self.train_labels[rows],
+                                   val_from=f"{100 * fraction:g} % of train (seed {VAL_SEED})")
 
     @property
     def num_classes(self) -> int:
@@ -83,6 +123,11 @@ class TaskData:
             return self.test_images, self.test_labels
         if split == "train" and self.train_images is not None:
             return self.train_images, self.train_labels
+        if split == "val" and self.val_images is not None:
+            return self.val_images, self.val_labels
+        if split == "val":
+            raise DataError(f"task {self.name!r} has no validation split: give a real suite a val/ folder beside test/ "
+                            "or 'val_fraction: 0.1' in its config (the built-in suites carve one from train)")
         raise DataError(f"task {self.name!r} has no {split!r} split")
 
 
@@ -150,7 +195,7 @@ class Suite:
     def fingerprint(self) -> str:
         """Digest of everything a run on this suite (these tasks, in this order) depends on.
 
-        Every byte of the pretrained, fine-tuned and head weights and of every test and train image, each
+        Every byte of the pretrained, fine-tuned and head weights and of every test, train and validation image, each
         label, the class names and their order, the encoder config: any change gives a new fingerprint,
         so the runs it affects are computed again (a run's key holds the fingerprint of its own tasks
         only, so runs on other tasks stay cached). Read once per suite object (``_digests``).

@@ -9,6 +9,7 @@ Example (task_vectors checkpoints converted once with ``python -m merging conver
     data_root: data               # <data_root>/<task>/test/<class>/*.png|jpg
     data_format: folders          # folders | hf_disk (save_to_disk) | parquet; image_column/label_column: image/label
     tasks: [SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD]
+    val_fraction: 0.1             # optional: a validation split carved from train where no val/ folder lies beside test/
 
 Relative paths resolve against the config file's folder. ``python -m merging suite check CONFIG``
 validates a config and says what is missing or mismatched (``merging.suites.clip.suite.check``, which
@@ -27,6 +28,8 @@ from merging.errors import ConfigError, first_line
 LAYOUTS = ("task_vectors", "hf", "open_clip")
 HEAD_MODES = ("auto", "files", "zeroshot")
 DATA_FORMATS = ("folders", "hf_disk", "parquet")
+VAL_SPLITS = ("val", "validation")
+"""The names a validation split's folder (or table split) may have beside the test split."""
 CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
 
 
@@ -67,6 +70,9 @@ class SuiteConfig:
     """hf_disk/parquet: the column of encoded images (HF's ``Image`` feature, or raw bytes)."""
     label_column: str = "label"
     """hf_disk/parquet: the column of integer class indices (its ``ClassLabel`` names become the class names)."""
+    val_fraction: float | None = None
+    """A validation split (for ``scaling=auto``) of this fraction of each task's train split, carved with a fixed seed
+    (``base.carve_indices``), for tasks without a ``val`` (or ``validation``) split beside the test split; that one wins."""
 
 
 _KEYS = {f for f in SuiteConfig.__dataclass_fields__ if f != "path"}
@@ -149,6 +155,9 @@ def load_config(path: str | Path) -> SuiteConfig:
     for key in ("image_column", "label_column"):
         if key in raw and (not isinstance(raw[key], str) or not raw[key]):
             raise ConfigError(f"{path}: {key!r} must be a column name, got {raw[key]!r}")
+    val_fraction = raw.get("val_fraction")
+    if val_fraction is not None and (isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1):
+        raise ConfigError(f"{path}: 'val_fraction' must be a number strictly between 0 and 1 (e.g. 0.1), got {val_fraction!r}")
     quick_gelu = raw.get("quick_gelu")
     if quick_gelu is not None and not isinstance(quick_gelu, bool):
         raise ConfigError(f"{path}: 'quick_gelu' must be true or false, got {quick_gelu!r}")
@@ -192,4 +201,5 @@ def load_config(path: str | Path) -> SuiteConfig:
         data_format=data_format,
         image_column=raw.get("image_column", "image"),
         label_column=raw.get("label_column", "label"),
+        val_fraction=float(val_fraction) if val_fraction is not None else None,
     )

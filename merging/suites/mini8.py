@@ -7,6 +7,11 @@ that, as with CLIP, the pretrained model knows a little about every task and not
 "zero-shot" heads read off the pretrained word embeddings of the class names (the analogue of CLIP's
 text heads, weaker than a linear probe). Each task's encoder is then fine-tuned with its head frozen
 (the task-vectors protocol). Everything is deterministic by seed and cached under ``cache/suites``.
+
+Each task's validation split (``VAL_FRACTION`` of its training images, ``base.carve_indices``) is carved
+when the suite is built or loaded, never saved, so suites built before it existed load unchanged. The
+fine-tuned models saw these images in fine-tuning, as users' checkpoints usually have seen their train
+split; they are still never the test split, which alone reports numbers.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from merging.suites.base import Suite, TaskData
 from merging.suites.generators import TASK_SPECS
 
 SUITE_FORMAT = 1
+VAL_FRACTION = 0.1
+"""Fraction of each task's training images that forms its validation split (200 of mini8's 2000 per task)."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,8 @@ def _generate(recipe: Recipe, seed: int) -> tuple[dict[str, TaskData], torch.Ten
         rng = np.random.default_rng([seed, 1000 + i])
         xtr, ytr = spec.make(rng, recipe.n_train, "train")
         xte, yte = spec.make(rng, recipe.n_test, "test")
-        data[t] = TaskData(t, list(spec.classnames), torch.from_numpy(xte), torch.from_numpy(yte), torch.from_numpy(xtr), torch.from_numpy(ytr))
+        data[t] = TaskData(t, list(spec.classnames), torch.from_numpy(xte), torch.from_numpy(yte), torch.from_numpy(xtr),
+                           torch.from_numpy(ytr)).with_val_from_train(VAL_FRACTION)
         xp, yp = spec.make(np.random.default_rng([seed, 5000 + i]), recipe.pretext_images_per_task, "train")
         target = np.zeros((len(xp), len(vocab)), np.float32)
         target[:, word[t]] = 1
@@ -325,6 +333,7 @@ def load(folder: str | Path) -> Suite:
         )
         for t in tasks
     }
+    task_data = {t: d.with_val_from_train(VAL_FRACTION) if d.train_images is not None else d for t, d in task_data.items()}
     return Suite(
         manifest["name"],
         manifest["encoder_config"],

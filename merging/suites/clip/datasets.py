@@ -26,7 +26,19 @@ import torch
 
 import merging.suites.templates as tpl
 from merging.errors import DataError
-from merging.suites.clip.images import FolderTaskData, LazyImages, _evenly, _pool, _read_names, _why, load_task_data, task_names, to_rgb8
+from merging.suites.clip.images import (
+    FolderTaskData,
+    LazyImages,
+    _evenly,
+    _pool,
+    _read_names,
+    _why,
+    load_task_data,
+    task_names,
+    to_rgb8,
+    val_split_names,
+    with_val_fraction,
+)
 from merging.suites.config import DATA_FORMATS, SuiteConfig
 
 __all__ = ["DATA_FORMATS", "DatasetTaskData", "ImageRows", "load_data", "load_dataset_task", "locate", "read_split"]
@@ -156,6 +168,9 @@ class ImageRows(LazyImages):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def take(self, indices: Sequence[int] | torch.Tensor) -> ImageRows:
+        return ImageRows(self.split, [self.rows[int(i)] for i in indices], self.pil_transform, self.size)
 
     def _index(self) -> tuple[list, np.ndarray]:
         """Per data file (or parquet row group): a reader, and the cumulative row offsets."""
@@ -297,7 +312,8 @@ def _labels_and_names(task: str, split: TableSplit, config: SuiteConfig, names: 
 
 
 def load_dataset_task(config: SuiteConfig, task: str, transform: tuple) -> DatasetTaskData:
-    """The task's test split from a saved HF dataset or parquet files (and its train split when one lies beside it)."""
+    """The task's test split from a saved HF dataset or parquet files (and its train and validation splits when they
+    lie beside it; else a validation split carved from train by ``val_fraction``)."""
     pil, mean, std, size = transform
     location = locate(config, task, config.split)
     if location is None:
@@ -312,19 +328,31 @@ def load_dataset_task(config: SuiteConfig, task: str, transform: tuple) -> Datas
         train = read_split(train_at, config.data_format, config.image_column, config.label_column)
         _labels_and_names(task, train, config, classnames)
         train_images, train_labels = ImageRows(train, range(len(train.labels)), pil, size), torch.from_numpy(train.labels)
-    return DatasetTaskData(
+    val_images = val_labels = None
+    val_from = ""
+    for name in val_split_names(config):
+        if (val_at := locate(config, task, name)) is not None and val_at != location:
+            val = read_split(val_at, config.data_format, config.image_column, config.label_column)
+            _labels_and_names(task, val, config, classnames)
+            val_images, val_labels, val_from = ImageRows(val, range(len(val.labels)), pil, size), torch.from_numpy(val.labels), val.where
+            break
+    data = DatasetTaskData(
         task,
         classnames,
         ImageRows(split, keep, pil, size),
         torch.from_numpy(split.labels[keep]),
         train_images,
         train_labels,
+        val_images=val_images,
+        val_labels=val_labels,
+        val_from=val_from,
         channel_mean=mean,
         channel_std=std,
         folder=split.where,
         data_format=config.data_format,
         names_from=origin,
     )
+    return with_val_fraction(data, config, location.parent)
 
 
 def load_data(config: SuiteConfig, task: str, transform: tuple) -> FolderTaskData:

@@ -25,7 +25,7 @@ from torch import nn
 import merging.suites.templates as tpl
 from merging.errors import ConfigError, DataError
 from merging.suites.base import TaskData
-from merging.suites.config import SuiteConfig
+from merging.suites.config import VAL_SPLITS, SuiteConfig
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -162,6 +162,10 @@ class LazyImages:
     def load(self, i: int) -> np.ndarray:
         raise NotImplementedError
 
+    def take(self, indices: Sequence[int] | torch.Tensor) -> LazyImages:
+        """The images at ``indices``, still lazy (a validation split carved from a train split; ``base.take``)."""
+        raise NotImplementedError
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self), self.size[0], self.size[1], 3)
@@ -196,6 +200,9 @@ class ImageFiles(LazyImages):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def take(self, indices: Sequence[int] | torch.Tensor) -> ImageFiles:
+        return ImageFiles([self.files[int(i)] for i in indices], self.pil_transform, self.size)
 
     def load(self, i: int) -> np.ndarray:
         path = self.files[i]
@@ -419,9 +426,27 @@ def _labelled_files(folder: Path, task: str, names: list[str] | None) -> tuple[l
     return files, targets, classnames, listing
 
 
+def with_val_fraction(data: FolderTaskData, config: SuiteConfig, where: Path | str) -> FolderTaskData:
+    """``data`` with a validation split carved from its train split when the config sets ``val_fraction`` and no
+    val split lies beside the test split (``where``, the task's folder); a one-line ``DataError`` when there is no train split either."""
+    if data.val_images is not None or config.val_fraction is None:
+        return data
+    if data.train_images is None:
+        raise DataError(f"task {data.name!r}: 'val_fraction' carves a validation split from the train split, but {where} has neither "
+                        f"a train nor a val split beside {config.split!r}; add one of them, or drop 'val_fraction' from {config.path.name}")
+    return data.with_val_from_train(config.val_fraction)
+
+
+def val_split_names(config: SuiteConfig) -> tuple[str, ...]:
+    """The split names searched for a validation split; none when the test split itself is named like one."""
+    return () if config.split in VAL_SPLITS else VAL_SPLITS
+
+
 def load_task_data(config: SuiteConfig, task: str, transform: tuple) -> FolderTaskData:
     """The task's test split as a lazy ``FolderTaskData`` (nothing decoded until indexed), and its train split when a
-    ``train`` folder sits beside the test folder (read by methods that learn from unlabeled train images: FeatCal).
+    ``train`` folder sits beside the test folder (read by methods that learn from unlabeled train images: FeatCal),
+    and its validation split when a ``val`` (or ``validation``) folder does, else carved from train by ``val_fraction``
+    (read only to choose λ, ``merging.selection``).
     Other ``data_format``s (a saved HF dataset, parquet files) are read by ``datasets.load_data``, which calls this for folders."""
     if config.data_format != "folders":
         raise ConfigError(f"{config.path}: data_format {config.data_format!r} is read by merging.suites.clip.datasets.load_data, not from image folders")
@@ -436,16 +461,28 @@ def load_task_data(config: SuiteConfig, task: str, transform: tuple) -> FolderTa
     if folder.name != "train" and train.is_dir():
         train_files, train_targets, _, _ = _labelled_files(train, task, classnames)
         train_images, train_labels = ImageFiles(train_files, pil, size), torch.tensor(train_targets)
-    return FolderTaskData(
+    val_images = val_labels = None
+    val_from = ""
+    for name in val_split_names(config):
+        val = folder.parent / name
+        if folder.name != name and val.is_dir():
+            val_files, val_targets, _, _ = _labelled_files(val, task, classnames)
+            val_images, val_labels, val_from = ImageFiles(val_files, pil, size), torch.tensor(val_targets), str(val)
+            break
+    data = FolderTaskData(
         task,
         classnames,
         images,
         torch.tensor([targets[i] for i in keep]),
         train_images,
         train_labels,
+        val_images=val_images,
+        val_labels=val_labels,
+        val_from=val_from,
         channel_mean=mean,
         channel_std=std,
         folder=str(folder),
         hidden=tuple(listing.hidden),
         other=tuple(listing.other),
     )
+    return with_val_fraction(data, config, folder.parent)

@@ -123,8 +123,10 @@ def _check_prompts(config: SuiteConfig, pretrained: Any, text: tuple, tasks: dic
 
 
 def _data_summary(d: FolderTaskData) -> str:
-    """``suite check``'s line for a task's data: images, classes, and for table datasets the label range and the names' origin."""
+    """``suite check``'s line for a task's data: images, classes, for table datasets the label range and the names' origin,
+    the train split beside it and the validation split (its size and where it came from) that ``scaling=auto`` reads."""
     train = f"; {len(d.train_images)} train images beside it" if d.train_images is not None else ""
+    train += f"; {len(d.val_images)} validation images ({d.val_from})" if d.val_images is not None else ""
     if isinstance(d, DatasetTaskData):
         return (f"{d.name}: {len(d.test_images)} test images, {d.num_classes} classes (names from {d.names_from}), "
                 f"labels {int(d.test_labels.min())}..{int(d.test_labels.max())} in {d.folder} ({d.data_format}){train}")
