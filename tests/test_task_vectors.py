@@ -100,3 +100,30 @@ def test_merges_keep_dtype(dtype):
     base, fts = _models(dtype=dtype)
     for merged in (tv.weight_averaging(base, fts), tv.task_arithmetic(base, fts, 0.3), tv.ties(base, fts, 0.3, 0.2)):
         assert merged["a"].dtype == dtype and merged["step"].dtype == torch.int64
+
+
+def test_streamed_ties_equals_the_official_flattened_computation():
+    """``_ties_rows`` works key by key; the official code stacks the flattened task vectors (ties_merging_utils.py):
+    trim each row at its k-th smallest |v|, elect sign(sum) with exact zeros set to the majority sign, keep the agreeing
+    entries. Both must give the same per-task vectors and merge, including zeros filled by the majority sign."""
+    gen = torch.Generator().manual_seed(3)
+    pre = {"a.weight": torch.randn(6, 5, generator=gen), "a.bias": torch.randn(5, generator=gen), "step": torch.tensor(4)}
+    fts = [{k: (v + torch.randn(v.shape, generator=gen) if v.is_floating_point() else v) for k, v in pre.items()} for _ in range(3)]
+    fts[1]["a.bias"][0] = pre["a.bias"][0] - (fts[0]["a.bias"][0] - pre["a.bias"][0])  # two tasks cancel: a zero sum
+    fts[2]["a.bias"][0] = pre["a.bias"][0]
+    keys = tv.float_keys(pre)
+    for density in (0.3, 0.7, 1.0):
+        stacked = torch.stack([tv.flatten(v, keys) for v in tv.task_vectors(pre, fts)])
+        kept = stacked * torch.stack([row.abs() >= row.abs().kthvalue(row.numel() - int(row.numel() * density)).values if density < 1 else
+                                      torch.ones_like(row, dtype=torch.bool) for row in stacked])
+        sign = torch.sign(kept.sum(0))
+        sign[sign == 0] = torch.sign(sign.sum())
+        reference = kept * torch.where(sign > 0, kept > 0, kept < 0)
+        got = tv.ties_vectors(pre, fts, density)
+        for i in range(3):
+            assert torch.equal(tv.flatten(got[i], keys), reference[i])
+        merged = tv.ties(pre, fts, 0.4, density)
+        expected = tv.unflatten(tv.flatten(pre, keys) + 0.4 * reference.sum(0), pre, keys)
+        for k in keys:
+            torch.testing.assert_close(merged[k], expected[k], rtol=0, atol=1e-6)
+        assert torch.equal(merged["step"], pre["step"])

@@ -78,16 +78,28 @@ def load_head(path: Path, num_classes: int, dim: int, data_where: str) -> dict[s
     return {"weight": weight.float(), "bias": torch.zeros(weight.shape[0]) if bias is None else bias.float()}
 
 
+def encode_prompts(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(ids)`` L2-normalized: [B, embed_dim]. A causal text tower pooled at the end-of-text
+    token never reads the padding after it, so the tower runs only up to the longest prompt (3-4x fewer
+    tokens than the 77-token context at ViT-B/32 size; equal to the full-length result, ``test_clip_suites``)."""
+    mask = getattr(model, "attn_mask", None)
+    causal = isinstance(mask, torch.Tensor) and mask.ndim == 2 and bool(torch.equal(torch.isinf(mask), torch.ones_like(mask, dtype=torch.bool).triu(1)))
+    n = int((ids != 0).sum(dim=1).max()) if causal and getattr(model, "text_pool_type", "argmax") in ("argmax", "eos") else ids.shape[1]
+    if n >= ids.shape[1]:
+        return F.normalize(model.encode_text(ids).float(), dim=-1)
+    trimmed = {"positional_embedding": model.positional_embedding[:n], "attn_mask": mask[:n, :n]}
+    return F.normalize(torch.func.functional_call(model, trimmed, (), {"text": ids[:, :n]}, strict=False)[1].float(), dim=-1)
+
+
 @torch.no_grad()
 def zero_shot_head(model: nn.Module, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str], device: str = "cpu", batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """W rows = mean over templates of normalized text embeddings, renormalized, times exp(logit_scale) (algorithms.md §0)."""
-    rows = []
-    for name in classnames:
-        texts = [t.format(c=name) for t in templates]
-        emb = torch.cat([model.encode_text(tokenizer(texts[i : i + batch_size]).to(device)).float() for i in range(0, len(texts), batch_size)])
-        rows.append(F.normalize(F.normalize(emb, dim=-1).mean(dim=0), dim=-1))
-    weight = torch.stack(rows) * model.logit_scale.exp().float()
-    return {"weight": weight.cpu(), "bias": torch.zeros(len(rows))}
+    """W rows = mean over templates of normalized text embeddings, renormalized, times exp(logit_scale) (algorithms.md §0).
+    Every class's prompts go through the text tower together, ``batch_size`` prompts at a time."""
+    texts = [t.format(c=name) for name in classnames for t in templates]
+    emb = torch.cat([encode_prompts(model, tokenizer(texts[i : i + batch_size]).to(device)) for i in range(0, len(texts), batch_size)])
+    rows = F.normalize(emb.reshape(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
+    weight = rows * model.logit_scale.exp().float()
+    return {"weight": weight.cpu(), "bias": torch.zeros(len(classnames))}
 
 
 def text_state(config: SuiteConfig, pretrained: Pretrained, model: nn.Module | None = None) -> tuple[StateDict, str]:
