@@ -17,7 +17,7 @@ from merging import artifacts, jobs
 from merging.device import default_device, default_preset
 from merging.errors import MergeLensError
 from merging.progress import time_left
-from merging.provenance import add_subtitle, check_one_family, family_label, with_provenance
+from merging.provenance import add_subtitle, check_one_family, family_label, has_presets, with_provenance
 from merging.provenance import run_label as settings_label
 from merging.runs import RunConfig, cached_result, load_model
 from merging.suites import Suite, get_suite, input_stamp, is_built, list_suites
@@ -358,7 +358,7 @@ def download_html(fig, name: str) -> None:
 def run_label(result: dict) -> str:
     """A row label: the method's title, its preset, and the hyperparameters changed from it."""
     extras = [f"{k}={v}" for k, v in result.get("overrides", {}).items()]
-    if result.get("preset"):
+    if result.get("preset") and has_presets(result["method"]):  # a method without presets may still record the one it was given
         extras.insert(0, result["preset"])
     return result["title"] + (f" ({', '.join(extras)})" if extras else "")
 

@@ -20,8 +20,7 @@ from merging.errors import ConfigError
 UNKNOWN = "unknown"
 LAMBDAS = {"scaling": "λ", "init_lambda": "λ₀", "tall_lambda": "TALL λ"}
 """Hyperparameters written with a Greek letter in labels: the merge's scaling coefficient and its relatives."""
-KEY_PARAMS = ("scaling", "init_lambda", "tall_lambda", "init", "density", "rank", "rank_ratio", "k", "base", "vectors",
-              "granularity", "layer", "blocks", "calibration_images")
+KEY_PARAMS = ("scaling", "init_lambda", "tall_lambda", "init", "density", "rank", "k", "base", "layer")
 """A run label's hyperparameters when present (besides every one changed from the preset or default)."""
 COLUMNS = ("suite", "layout", "weights", "method", "preset", "params", "adapted_on", "selection")
 """The provenance columns of every CSV export (``provenance_columns``), in this order."""
@@ -91,9 +90,20 @@ def data_label(result: Mapping[str, Any]) -> str:
     return f"{verb} on {split} (unlabeled{count})"
 
 
+def has_presets(method: str) -> bool:
+    """Whether the preset means anything for ``method`` (a result records a preset it was given even where it has none)."""
+    try:
+        from merging.methods import get_method
+
+        return bool(get_method(method).presets)
+    except Exception:  # an unregistered method in an old result: keep what it says
+        return True
+
+
 def run_label(result: Mapping[str, Any]) -> str:
     """A run's key hyperparameters, preset and data: ``"λ=0.3 · preset fast"``, ``"λ=0.4 (chosen on val from 9-point grid)"``,
-    ``"base=task_arithmetic · rank=16 · preset fast · adapted on test (unlabeled, 4,000 images)"``; "defaults" when there are none."""
+    ``"base=task_arithmetic · rank=16 · preset fast · adapted on test (unlabeled, 4,000 images)"``; "no hyperparameters" for
+    a method without any (Pretrained, Individual)."""
     params = dict(result.get("params") or {})
     overrides = dict(result.get("overrides") or {})
     selection = result.get("selection") if isinstance(result.get("selection"), Mapping) else None
@@ -115,14 +125,14 @@ def run_label(result: Mapping[str, Any]) -> str:
     base_params = params.get("base_params")
     if base_params:
         parts.append(f"base {_value(base_params)}")
-    if result.get("preset"):
-        parts.append(f"preset {result['preset']}")
-    if result.get("seed"):
-        parts.append(f"seed {result['seed']}")
     data = data_label(result)
     if data:
         parts.append(data)
-    return " · ".join(parts) or "defaults"
+    if result.get("preset") and has_presets(str(result.get("method"))):
+        parts.append(f"preset {result['preset']}")
+    if result.get("seed"):
+        parts.append(f"seed {result['seed']}")
+    return " · ".join(parts) or ("defaults" if params else "no hyperparameters")
 
 
 def provenance_columns(result: Mapping[str, Any]) -> dict[str, str]:

@@ -49,8 +49,9 @@ def test_result_without_checkpoints_says_weights_unknown():
 
 
 def test_run_label_has_the_exact_lambda_and_preset():
-    label = run_label(result(params={"scaling": 0.35, "density": 0.2, "dare": 0.0}, preset="fast"))
-    assert label == "λ=0.35 · density=0.2 · preset fast"
+    label = run_label(result("adamerging", params={"init": 0.35, "density": 0.2, "lr": 0.01}, preset="fast"))
+    assert label == "init=0.35 · density=0.2 · preset fast"
+    assert run_label(result(params={"scaling": 0.35, "dare": 0.0}, preset="fast")) == "λ=0.35"  # task arithmetic has no presets
 
 
 def test_run_label_says_lambda_was_chosen_on_val():
@@ -64,10 +65,10 @@ def test_run_label_says_lambda_was_chosen_on_val():
 def test_run_label_says_the_split_a_data_dependent_method_adapted_on():
     surgery = result("surgery", {"base": "ties", "base_params": {}, "rank": 16, "lr": 0.001}, preset="fast",
                      data={"split": "test", "images": 4000})
-    assert run_label(surgery) == "rank=16 · base=ties · preset fast · adapted on test (unlabeled, 4,000 images)"
+    assert run_label(surgery) == "rank=16 · base=ties · adapted on test (unlabeled, 4,000 images) · preset fast"
     featcal = result("featcal", {"base": "task_arithmetic", "base_params": {"scaling": 0.5}, "calibration_images": 256},
                      data={"split": "train", "images": 2048})
-    assert run_label(featcal) == "base=task_arithmetic · calibration_images=256 · base {scaling=0.5} · calibrated on train (unlabeled, 2,048 images)"
+    assert run_label(featcal) == "base=task_arithmetic · base {scaling=0.5} · calibrated on train (unlabeled, 2,048 images)"
     assert provenance_columns(featcal)["adapted_on"] == "train (2048 images)"
     assert provenance_columns(result())["adapted_on"] == ""
 
