@@ -80,9 +80,7 @@ class RunConfig:
         """The method, its typed parameters, and the preset actually used (``fast`` on CPU, ``paper`` on GPU).
         ``scaling`` stays ``"auto"`` when asked for (``auto_scaling``): ``run`` chooses it on the validation split."""
         method = get_method(self.method)
-        preset = self.preset
-        if preset is None and method.presets:
-            preset = default_preset(device)
+        preset = (self.preset or default_preset(device)) if method.presets else None  # a method without presets records none
         return method, make_params(method, self.params, preset, allow_auto=True), preset
 
     def with_scaling(self, value: float) -> RunConfig:

@@ -491,7 +491,8 @@ def test_a_config_suite_opens_in_the_app(world, capsys, monkeypatch):
         at.run()
     assert not at.exception, at.exception
     table = at.dataframe[0].value
-    assert list(table.columns) == [*list(TASKS), "avg"] and "Task Arithmetic" in table.index
+    assert list(table.columns) == [*list(TASKS), "avg", "settings"] and "Task Arithmetic" in table.index
+    assert table.loc["Task Arithmetic", "settings"] == "λ=0.3"
 
 
 def test_storage_lane_and_featcal_run_on_a_real_checkpoint_suite(world, capsys):
