@@ -9,7 +9,7 @@ import ui
 from merging.errors import ConfigError
 from merging.evaluation import accuracy_table
 from merging.jobs import RunsJob
-from merging.methods import METHODS, HyperparameterSpec, make_params, method_group, params_dict, specs
+from merging.methods import AUTO, METHODS, HyperparameterSpec, accepts_auto, make_params, method_group, params_dict, specs
 from merging.provenance import program_report
 from merging.runs import RunConfig
 
@@ -71,6 +71,13 @@ def param_widgets(method_name: str, prefix: str = "", used: str | None = None) -
             nested = param_widgets(base.name, f"{key}-", base_input.preset if base_input.preset in base.presets else None)
             overrides.update({f"{h.params_of}.{k}": v for k, v in nested.items()})
             continue
+        if h.name == "scaling" and accepts_auto(method) and st.checkbox(
+            "choose λ on the validation split", key=f"{key}-auto",
+            help="Score every λ of the method's grid on each task's validation split (labels of val, never of test) and keep the best average; "
+                 "the result records the grid, the accuracies and the choice (`--set scaling=auto` on the CLI).",
+        ):
+            overrides[h.name] = AUTO
+            continue
         new = widget(h, defaults[h.name], key)
         if new != defaults[h.name]:
             overrides[h.name] = new
@@ -87,7 +94,7 @@ def method_config(method_name: str) -> RunConfig | None:
     if method.paper_url:
         st.caption(f"[paper]({method.paper_url})")
     try:
-        make_params(method, overrides, used)
+        make_params(method, overrides, used, allow_auto=True)
     except ConfigError as e:
         st.error(str(e))
         return None

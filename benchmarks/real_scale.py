@@ -185,7 +185,7 @@ def generate(root: Path, images: int, seed: int = 0) -> dict[str, Path]:
     visual0 = {k[7:]: v for k, v in full.items() if k.startswith("visual.")}
     finetuned = _finetuned(visual0, seed + 1)
     _write_images(root / "data", images, seed)
-    base = {"model": ARCH, "data_root": "data", "tasks": list(TASKS)}
+    base = {"model": ARCH, "data_root": "data", "tasks": list(TASKS), "val_fraction": 0.25}
 
     oc = root / "open_clip"
     oc.mkdir(exist_ok=True)
@@ -307,11 +307,11 @@ def worker(argv: list[str], gpu_json: Path) -> int:
     return rc
 
 
-def _latest_result(cache: Path, suite_name: str, method: str) -> dict | None:
+def _latest_result(cache: Path, config: Path, method: str) -> dict | None:
     best = None
     for path in (cache / "runs").glob(f"{method}-*/result.json"):
         r = json.loads(path.read_text())
-        if r.get("method") == method and Path(str(r.get("suite", ""))).stem == suite_name and (best is None or r["created"] > best["created"]):
+        if r.get("method") == method and Path(str(r.get("suite", ""))) == config and (best is None or r["created"] > best["created"]):
             best = r
     return best
 
@@ -323,14 +323,17 @@ def _methods(which: str) -> list[str]:
     return names if which == "all" else [m for m in which.split(",") if m]
 
 
-def _method_argv(method: str, config: Path, cuda: bool) -> tuple[list[str], str]:
-    sets = [] if cuda else [f"{k}={v}" for k, v in SHORT.get(method, {}).items()]
-    argv = ["run", "--suite", str(config), "--method", method.removesuffix("_v2")]
-    if method == "surgery_v2":
-        sets.append("version=2")
-    for s in sets:
+VARIANTS = {"surgery_v2": ("surgery", ["version=2"]), "task_arithmetic_auto": ("task_arithmetic", ["scaling=auto"])}
+"""Rehearsal steps that are a registered method with settings: SurgeryV2, and λ chosen on the validation split."""
+
+
+def _method_argv(step: str, config: Path, cuda: bool) -> tuple[list[str], str]:
+    method, fixed = VARIANTS.get(step, (step, []))
+    short = [] if cuda else [f"{k}={v}" for k, v in SHORT.get(step, {}).items()]
+    argv = ["run", "--suite", str(config), "--method", method]
+    for s in fixed + short:
         argv += ["--set", s]
-    return argv, "fast preset" + (f", shortened: {', '.join(s for s in sets if not s.startswith('version'))}" if any(not s.startswith("version") for s in sets) else "")
+    return argv, "fast preset" + (f", shortened: {', '.join(short)}" if short else "")
 
 
 def browse(config: Path, cache: Path, env: dict[str, str], shots: Path) -> list[dict]:
@@ -384,7 +387,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> Non
             time.sleep(0.5)
 
 
-def _open_page(page, url: str, timeout_ms: int = 1_800_000) -> str:
+def _open_page(page, url: str, timeout_ms: int = 2_400_000) -> str:
     """Load ``url``; wait until the script is idle, no spinner or progress bar is left and no exception is shown."""
     page.goto(url)
     page.wait_for_selector("[data-testid='stApp'][data-test-connection-state='CONNECTED']", timeout=120_000)
@@ -400,7 +403,7 @@ def _open_page(page, url: str, timeout_ms: int = 1_800_000) -> str:
     return errors.first.inner_text()[:200].replace("\n", " ") if errors.count() else ""
 
 
-def rehearse(root: Path, layouts: list[str], methods: list[str], out_csv: Path, cache: Path, pages: bool) -> None:
+def rehearse(root: Path, layouts: list[str], methods: list[str], out_csv: Path, cache: Path, pages: bool, append: bool = False) -> None:
     import pandas as pd
     import torch
 
@@ -408,7 +411,7 @@ def rehearse(root: Path, layouts: list[str], methods: list[str], out_csv: Path, 
     env = {**os.environ, "NUMBA_CACHE_DIR": str(ROOT / "cache" / "numba"), "MERGELENS_CACHE": str(cache)}
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
-    rows: list[dict] = []
+    rows: list[dict] = pd.read_csv(out_csv).to_dict("records") if append and out_csv.is_file() else []
     gen = json.loads((root / "generated.json").read_text())
 
     def record(layout: str, step: str, method: str, res: dict, **extra) -> None:
@@ -420,7 +423,6 @@ def rehearse(root: Path, layouts: list[str], methods: list[str], out_csv: Path, 
 
     for layout in layouts:
         config = root / f"{layout}.yaml"
-        name = f"rehearsal-{layout}"
         if layout == "task_vectors":
             record(layout, "convert", "", measured(["convert", "--root", str(root / "tv"), "--model", ARCH, "--out", str(root / "converted"), "--trust"], env,
                                                     logs / f"{layout}-convert.log"))
@@ -428,9 +430,10 @@ def rehearse(root: Path, layouts: list[str], methods: list[str], out_csv: Path, 
         for method in methods:
             argv, schedule = _method_argv(method, config, cuda)
             res = measured(argv + ["--cache", str(cache)], env, logs / f"{layout}-{method}.log")
-            r = _latest_result(cache, name, method.removesuffix("_v2")) if res["rc"] == 0 else None
-            extra = {"schedule": schedule if method in SHORT or method.removesuffix("_v2") in ("adamerging", "surgery", "wemoe", "tinting", "featcal") else ""}
+            r = _latest_result(cache, config, VARIANTS.get(method, (method,))[0]) if res["rc"] == 0 else None
+            extra = {"schedule": schedule if r is not None and r["data"]["split"] else ""}
             if r is not None:
+                extra.update(weights=r["checkpoints"]["weights"], chosen=r["selection"]["chosen"] if "selection" in r else "")
                 extra.update(average=round(r["average"], 2), params_total=r["parameters"]["total"], params_trainable=r["parameters"]["trainable"],
                              stored_mb=round(r["storage"]["total_mb"], 1), extra_mb=round(r["storage"]["extra_mb"], 1),
                              adapt_s=round(r["seconds"]["adapt"], 1), evaluate_s=round(r["seconds"]["evaluate"], 1), published=PAPER.get(method, ""))
@@ -514,14 +517,15 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate")
     g.add_argument("--root", type=Path, required=True)
-    g.add_argument("--images", type=int, default=64, help="test (and train) images per task")
+    g.add_argument("--images", type=int, default=32, help="test (and train) images per task")
     r = sub.add_parser("rehearse")
     r.add_argument("--root", type=Path, required=True)
     r.add_argument("--layouts", default="open_clip,task_vectors,hf")
-    r.add_argument("--methods", default="all", help="comma-separated, or all (every registered method, plus surgery_v2)")
+    r.add_argument("--methods", default="all", help="comma-separated, or all (every registered method, plus surgery_v2 and task_arithmetic_auto)")
     r.add_argument("--cache", type=Path, default=None, help="cache folder (default: <root>/cache)")
     r.add_argument("--csv", type=Path, default=ROOT / "benchmarks" / "results" / "real_scale_cpu.csv")
     r.add_argument("--no-pages", action="store_true")
+    r.add_argument("--append", action="store_true", help="add rows to an existing --csv")
     t = sub.add_parser("throughput")
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--repeats", type=int, default=3)
@@ -537,7 +541,8 @@ def main() -> None:
         methods = _methods(args.methods)
         if args.methods == "all":
             methods.insert(methods.index("surgery") + 1, "surgery_v2")
-        rehearse(args.root, args.layouts.split(","), methods, args.csv, args.cache or args.root / "cache", not args.no_pages)
+            methods.insert(methods.index("task_arithmetic") + 1, "task_arithmetic_auto")
+        rehearse(args.root, args.layouts.split(","), methods, args.csv, args.cache or args.root / "cache", not args.no_pages, args.append)
     elif args.cmd == "throughput":
         print(json.dumps(throughput(args.batch, args.repeats)))
     elif args.cmd == "table":

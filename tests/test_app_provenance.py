@@ -107,3 +107,18 @@ def test_two_checkpoint_families_never_share_an_app_table(app_cache, micro_suite
     with pytest.raises(Stopped):
         ui.provenance_caption("micro · built-in · weights x", runs, where)
     assert len(errors) == 1 and "two checkpoint families" in errors[0] and "weights 00000000" in errors[0]
+
+
+def test_merge_page_chooses_lambda_on_the_validation_split(app_cache, micro_suite):
+    """The checkbox asks for scaling=auto: the run is the CLI's ``--set scaling=auto`` run (same key, found in the cache),
+    and the table's settings say λ was chosen on val."""
+    result = run(RunConfig("micro", "task_arithmetic", {"scaling": "auto"}), micro_suite, cache_dir=app_cache, device="cpu")
+    at = _page("app_pages/merge.py")
+    at.session_state["merge-methods"] = ["task_arithmetic"]
+    at.session_state["merge-p-task_arithmetic-scaling-None-auto"] = True
+    at.run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    chosen = result["selection"]["chosen"]
+    assert table.loc["Task Arithmetic (scaling=auto)", "settings"].startswith(f"λ={chosen:g} (chosen on val")
+    assert table.loc["Task Arithmetic (scaling=auto)", "avg"] == pytest.approx(result["average"], abs=0.01)
