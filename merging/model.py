@@ -134,6 +134,11 @@ class MultiTaskModel(nn.Module):
         """Token-mean of every transformer block's output (SurgeryV2's per-layer view)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose per-block features")
 
+    def encode_with_blocks(self, images: torch.Tensor, task: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(encode, block_features)``; models whose encoding is one plain encoder forward give both from that one
+        forward (feature extraction with every block: one pass, not two)."""
+        return self.encode(images, task), self.block_features(images, task)
+
     def trainable_state(self) -> StateDict:
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
 
@@ -155,21 +160,26 @@ def blocks_of(encoder: nn.Module) -> Sequence[nn.Module]:
     return encoder.transformer.resblocks
 
 
+def encoder_forward_with_blocks(
+    encoder: nn.Module, images: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward of an open_clip ViT (optionally with ``params``): its output and the token-mean of each block
+    output (hooks on its blocks)."""
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda _m, _i, o: outs.append(o.mean(dim=1))) for b in blocks_of(encoder)]
+    try:
+        z = encoder(images) if params is None else functional_call(encoder, dict(params), (images,))
+    finally:
+        for h in hooks:
+            h.remove()
+    return z, outs
+
+
 def encoder_block_features(
     encoder: nn.Module, images: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None
 ) -> list[torch.Tensor]:
     """Token-mean of each block output of an open_clip ViT (hooks on its blocks), optionally with ``params``."""
-    outs: list[torch.Tensor] = []
-    hooks = [b.register_forward_hook(lambda _m, _i, o: outs.append(o.mean(dim=1))) for b in blocks_of(encoder)]
-    try:
-        if params is None:
-            encoder(images)
-        else:
-            functional_call(encoder, dict(params), (images,))
-    finally:
-        for h in hooks:
-            h.remove()
-    return outs
+    return encoder_forward_with_blocks(encoder, images, params)[1]
 
 
 class SharedEncoderModel(MultiTaskModel):
@@ -184,6 +194,12 @@ class SharedEncoderModel(MultiTaskModel):
     def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
         self.check_task(task)
         return encoder_block_features(self.encoder, images)
+
+    def encode_with_blocks(self, images: torch.Tensor, task: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if type(self).encode is not SharedEncoderModel.encode or type(self).block_features is not SharedEncoderModel.block_features:
+            return super().encode_with_blocks(images, task)
+        self.check_task(task)
+        return encoder_forward_with_blocks(self.encoder, images)
 
 
 class StaticModel(SharedEncoderModel):
@@ -222,6 +238,12 @@ class TaskStateModel(MultiTaskModel):
     def block_features(self, images: torch.Tensor, task: str) -> list[torch.Tensor]:
         self.check_task(task)
         return encoder_block_features(self.encoder, images, self.state_for(task, images.device))
+
+    def encode_with_blocks(self, images: torch.Tensor, task: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if type(self).encode is not TaskStateModel.encode or type(self).block_features is not TaskStateModel.block_features:
+            return super().encode_with_blocks(images, task)
+        self.check_task(task)
+        return encoder_forward_with_blocks(self.encoder, images, self.state_for(task, images.device))
 
 
 class PerTaskModel(TaskStateModel):

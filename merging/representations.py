@@ -21,7 +21,7 @@ from merging.errors import ConfigError
 from merging.features import FINAL, Features
 from merging.io import load_state_dict, read_cached, remove_stale_temps, save_state_dict
 from merging.model import MultiTaskModel
-from merging.progress import ProgressFn, scaled, track
+from merging.progress import ProgressFn, track
 from merging.suites.base import Suite, TaskData
 
 FEATURES_VERSION = "1"
@@ -111,14 +111,17 @@ def extract(
     indices = torch.arange(len(data.test_labels)) if indices is None else indices.to(torch.int64)
     emb, preds, blocks = [], [], []
     if final:
-        for images, _ in _batches(data, indices, batch_size, f"features {task}", scaled(progress, 0.0, 0.5 if layers else 1.0)):
+        desc = f"features and block features {task}" if layers else f"features {task}"
+        for images, _ in _batches(data, indices, batch_size, desc, progress):
             x = images.to(device)
             with autocast(device, amp):
-                z = model.encode(x, task)
+                z, per_block = model.encode_with_blocks(x, task) if layers else (model.encode(x, task), None)
                 preds.append(_logits(model, x, z, task).argmax(-1).cpu())
             emb.append(z.float().cpu())
-    if layers:
-        for images, _ in _batches(data, indices, batch_size, f"block features {task}", scaled(progress, 0.5 if final else 0.0, 1.0)):
+            if per_block is not None:
+                blocks.append([b.float().cpu() for b in per_block])
+    elif layers:
+        for images, _ in _batches(data, indices, batch_size, f"block features {task}", progress):
             with autocast(device, amp):
                 blocks.append([b.float().cpu() for b in model.block_features(images.to(device), task)])
     empty = torch.empty(0)

@@ -73,3 +73,18 @@ def test_rehearsal_task_vectors_have_the_stated_relative_size_and_structure():
     assert tau.norm() / theta.norm() == pytest.approx(0.02, rel=1e-5)
     s = torch.linalg.svdvals(tau)
     assert (s[: real_scale.RANK] ** 2).sum() / (s**2).sum() > 0.6  # mostly low-rank, not i.i.d. noise
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "individual", "tall_masks"])
+def test_features_with_every_block_take_one_encoder_pass(tiny_suite, method):
+    """Extraction with ``layers`` ran the encoder twice (0.47x a raw forward at ViT-B/32 size); a model whose encoding is
+    one plain encoder forward now gives features and block means from one pass."""
+    from merging.representations import extract
+    from merging.runs import RunConfig, build_model
+
+    model = build_model(RunConfig("tiny", method), tiny_suite, device="cpu")[0].eval()
+    calls = []
+    hook = model.encoder.register_forward_hook(lambda *_: calls.append(1)) if hasattr(model, "encoder") else None
+    extract(model, tiny_suite.data["a"], "a", layers=True, device="cpu", batch_size=100)
+    hook.remove()
+    assert len(calls) == 1

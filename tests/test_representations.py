@@ -87,6 +87,11 @@ def test_every_registered_method_gives_aligned_features_and_blocks(tiny_suite, m
     assert fs.embedding.shape == (24, 8) and torch.isfinite(fs.embedding).all()
     assert torch.equal(fs.predictions, logits.argmax(-1)) and torch.equal(fs.labels, data.test_labels)
     assert len(fs.blocks) == 2 and all(b.shape == (24, 16) for b in fs.blocks)
+    with torch.no_grad():  # one pass for features and blocks where the model allows it: the same numbers as two
+        x = data.preprocess(data.test_images)
+        torch.testing.assert_close(fs.embedding, model.encode(x, "c"), rtol=1e-5, atol=1e-6)
+        for got, want in zip(fs.blocks, model.block_features(x, "c"), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_a_model_that_overrides_logits_is_asked_for_its_logits(tiny_suite):
