@@ -25,8 +25,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(env: dict[str, str] | None = None, log: Path | None = None, timeout: float = 60.0) -> Iterator[str]:
-    """Yield the URL of a running app (environment ``env`` on top of this one); stop it afterwards."""
+def serve_process(env: dict[str, str] | None = None, log: Path | None = None, timeout: float = 60.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Yield the URL of a running app (environment ``env`` on top of this one) and its server process; stop it afterwards."""
     port = free_port()
     out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(
@@ -45,7 +45,7 @@ def serve(env: dict[str, str] | None = None, log: Path | None = None, timeout: f
                     tail = log.read_text()[-2000:] if log else ""
                     raise RuntimeError(f"streamlit did not become healthy at {url}\n{tail}") from None
                 time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
@@ -54,3 +54,10 @@ def serve(env: dict[str, str] | None = None, log: Path | None = None, timeout: f
             proc.kill()
         if log:
             out.close()
+
+
+@contextmanager
+def serve(env: dict[str, str] | None = None, log: Path | None = None, timeout: float = 60.0) -> Iterator[str]:
+    """Yield the URL of a running app (environment ``env`` on top of this one); stop it afterwards."""
+    with serve_process(env, log, timeout) as (url, _):
+        yield url

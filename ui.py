@@ -618,6 +618,23 @@ def accuracy_tabs(table: pd.DataFrame, reference: str | None, filename: str, ext
     return tabs[2:]
 
 
+def selection_figure(runs: Mapping[str, dict]) -> go.Figure:
+    """Validation accuracy over the λ grid of each ``scaling=auto`` run (``result["selection"]``): the average over
+    tasks bold, each task faint, the chosen λ a star."""
+    fig = go.Figure()
+    for i, (label, r) in enumerate(runs.items()):
+        sel, color = r["selection"], px.colors.qualitative.Plotly[i % len(px.colors.qualitative.Plotly)]
+        for task, acc in sel.get("per_task", {}).items():
+            fig.add_scatter(x=sel["grid"], y=acc, mode="lines", line={"color": color, "width": 1}, opacity=0.3, legendgroup=label, showlegend=False,
+                            hovertemplate=f"{task}<br>λ=%{{x:g}}<br>val accuracy %{{y:.1f}} %<extra>{label}</extra>")
+        fig.add_scatter(x=sel["grid"], y=sel["accuracy"], mode="lines+markers", line={"color": color, "width": 3}, legendgroup=label,
+                        name=f"{label}: average over tasks")
+        fig.add_scatter(x=[sel["chosen"]], y=[sel["accuracy"][sel["grid"].index(sel["chosen"])]], mode="markers", legendgroup=label,
+                        marker={"symbol": "star", "size": 18, "color": color, "line": {"color": "black", "width": 1}}, name=f"{label}: chosen λ = {sel['chosen']:g}")
+    fig.update_layout(title="λ chosen on the validation split", xaxis_title="scaling coefficient λ", yaxis_title="validation accuracy (%)", height=430)
+    return fig
+
+
 def download_csv(table: pd.DataFrame, name: str, label: str = "Download CSV", *, checkpoints: Mapping | None,
                  runs: Mapping[str, dict] | None = None, key=None) -> None:
     """A CSV of ``table`` with its provenance columns (``merging.provenance.with_provenance``): each row's run where

@@ -127,7 +127,15 @@ if len(done) > 0:
     table = accuracy_table({labels[k]: r["accuracy"] for k, r in done.items()}, suite.tasks)
     runs = {labels[k]: r for k, r in done.items()}
     ui.accuracy_bars(table.drop(columns="avg"), ui.family(suite))
-    (tab_cost,) = ui.accuracy_tabs(table, labels.get("individual"), f"{name}_accuracy", ["Cost"], suite=suite, runs=runs)
+    auto = {labels[k]: r for k, r in done.items() if "selection" in r}
+    tab_cost, *tab_auto = ui.accuracy_tabs(table, labels.get("individual"), f"{name}_accuracy", ["Cost", *(["λ on validation"] if auto else [])],
+                                           suite=suite, runs=runs)
+    if auto:
+        with tab_auto[0]:
+            ui.chart(ui.selection_figure(auto), ui.family(suite))
+            first = next(iter(auto.values()))["selection"]
+            st.caption(f"Each λ of the grid was scored on {first['images']:,} validation images (their labels; never the test split's). "
+                       f"Rule: {first['rule']}. The bars and tables above are the chosen model on the test split.")
     with tab_cost:
         cost = {labels[k]: {"trainable params": r["parameters"]["trainable"], "total params": r["parameters"]["total"],
                             "adapt s": round(r["seconds"]["adapt"], 2), "evaluate s": round(r["seconds"]["evaluate"], 2)} for k, r in done.items()}

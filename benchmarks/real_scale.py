@@ -57,11 +57,10 @@ SHORT = {
 }
 """CPU-shortened schedules (one step of each already costs tens of seconds at this size); on CUDA the fast preset runs as is."""
 PAPER = {
-    "wemoe": "WEMoE paper Table 9 (ViT-B/32): 573.2M total, 7.5M trainable parameters (our router size decides ours)",
-    "emr": "EMR-Merging paper: 461 MB extra storage for 8 ViT-B/32 tasks",
-    "individual": "8 x 87.8M image-tower parameters",
-    "surgery": "Surgery paper: rank-16 adapters, 8 x 2 x 512 x 16 = 0.13M trainable parameters",
+    "emr": "461 MB extra for 8 ViT-B/32 tasks (EMR-Merging; algorithms_frontier.md §7)",
+    "featcal": "53 s on a GPU at 256 images/task, CPU RSS 22.8 GiB, against Surgery's 217 s and 69.3 GiB (FeatCal README; §10)",
 }
+"""Published ViT-B/32 figures the table sets beside ours (only those ``../shared`` cites with a source)."""
 
 
 # --------------------------------------------------------------------------------------------- generate
@@ -336,36 +335,26 @@ def _method_argv(step: str, config: Path, cuda: bool) -> tuple[list[str], str]:
     return argv, "fast preset" + (f", shortened: {', '.join(short)}" if short else "")
 
 
-def browse(config: Path, cache: Path, env: dict[str, str], shots: Path) -> list[dict]:
-    """Open every page of the app on ``config`` in Chromium; per page: seconds until the page is idle with its charts drawn."""
+def browse(config: Path, cache: Path, env: dict[str, str], shots: Path, pages: tuple[str, ...]) -> list[dict]:
+    """Open ``pages`` of the app on ``config`` in Chromium; per page: seconds until it is idle with its charts drawn, and
+    the peak RSS of the server and its job processes so far."""
     from playwright.sync_api import sync_playwright
 
-    from app_server import CHROMIUM, CHROMIUM_ARGS, free_port
+    from app_server import CHROMIUM, CHROMIUM_ARGS, serve_process
 
-    port = free_port()
-    server_env = {**env, "MERGELENS_DEFAULT_SUITE": str(config), "MERGELENS_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    log = shots / "server.log"
     rows = []
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
-                                 "--server.address", "127.0.0.1"], cwd=ROOT, env=server_env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            with TreePeak(proc.pid) as peak, sync_playwright() as p:
-                url = f"http://127.0.0.1:{port}"
-                _wait_healthy(url, proc)
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                for name in PAGES:
-                    t0 = time.perf_counter()
-                    error = _open_page(page, f"{url}/{name}")
-                    wall = time.perf_counter() - t0
-                    page.screenshot(path=str(shots / f"{name or 'overview'}.png"))
-                    rows.append({"step": "page", "method": name or "overview", "wall_s": round(wall, 1), "peak_rss_mb": round(peak.peak),
-                                 "rc": 0 if not error else 1, "note": error})
-                browser.close()
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
+    server_env = {**env, "MERGELENS_DEFAULT_SUITE": str(config), "MERGELENS_CACHE": str(cache)}
+    with serve_process(server_env, shots / "server.log", timeout=120) as (url, proc), TreePeak(proc.pid) as peak, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        for name in pages:
+            t0 = time.perf_counter()
+            error = _open_page(page, f"{url}/{name}")
+            wall = time.perf_counter() - t0
+            page.screenshot(path=str(shots / f"{name or 'overview'}.png"))
+            rows.append({"step": "page", "method": name or "overview", "wall_s": round(wall, 1), "peak_rss_mb": round(peak.peak),
+                         "rc": 0 if not error else 1, "note": error})
+        browser.close()
     return rows
 
 
@@ -373,37 +362,27 @@ PAGES = ("", "tour", "merge", "representation_bias", "method_comparison", "why_m
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while True:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
-                return
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"streamlit did not become healthy at {url}") from None
-            time.sleep(0.5)
+def _pages(which: str) -> tuple[str, ...]:
+    if which == "all":
+        return PAGES
+    return () if which == "none" else tuple("" if p == "overview" else p for p in which.split(","))
 
 
 def _open_page(page, url: str, timeout_ms: int = 2_400_000) -> str:
     """Load ``url``; wait until the script is idle, no spinner or progress bar is left and no exception is shown."""
     page.goto(url)
     page.wait_for_selector("[data-testid='stApp'][data-test-connection-state='CONNECTED']", timeout=120_000)
-    deadline = time.time() + timeout_ms / 1000
-    while time.time() < deadline:
+    deadline, quiet = time.time() + timeout_ms / 1000, 0
+    while time.time() < deadline and quiet < 2:  # idle and no progress bar or spinner twice, 3 s apart (a job may start late)
         page.wait_for_selector(IDLE, timeout=timeout_ms)
+        time.sleep(3)
         busy = page.locator("[data-testid='stSpinner'], [data-testid='stProgress'], [data-testid='stStatusWidget']").count()
-        if not busy:
-            break
-        time.sleep(2)
-    time.sleep(1)
+        quiet = 0 if busy else quiet + 1
     errors = page.locator("[data-testid='stException']")
     return errors.first.inner_text()[:200].replace("\n", " ") if errors.count() else ""
 
 
-def rehearse(root: Path, layouts: list[str], methods: list[str], out_csv: Path, cache: Path, pages: bool, append: bool = False) -> None:
+def rehearse(root: Path, layouts: list[str], methods: list[str], out_csv: Path, cache: Path, pages: tuple[str, ...], append: bool = False) -> None:
     import pandas as pd
     import torch
 
@@ -448,7 +427,7 @@ def rehearse(root: Path, layouts: list[str], methods: list[str], out_csv: Path, 
         if pages:
             shots = root / "shots" / layout
             shots.mkdir(parents=True, exist_ok=True)
-            for row in browse(config, cache, env, shots):
+            for row in browse(config, cache, env, shots, pages):
                 record(layout, row.pop("step"), row.pop("method"), row)
 
 
@@ -496,18 +475,20 @@ def throughput(batch: int, repeats: int) -> dict:
 def table(csv: Path) -> str:
     import pandas as pd
 
-    df = pd.read_csv(csv).fillna("")
+    df = pd.read_csv(csv).astype(object).fillna("")
     lines = []
     for layout, part in df.groupby("layout", sort=False):
-        lines += [f"**{layout} layout** ({part['device'].iloc[0]}, {int(part['images_per_task'].iloc[0])} test images per task)", "",
-                  "| step | method | wall s | peak RSS MB | avg acc | params (total / trainable) | stored MB (extra) | schedule | published |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"**{layout} layout** ({part['device'].iloc[0]}, {int(part['images_per_task'].iloc[0])} test images per task, weights "
+                  f"{', '.join(sorted({str(w) for w in part.get('weights', []) if w != ''}))})", "",
+                  "| step | method | wall s | peak RSS MB | adapt s | evaluate s | params total / trainable | stored MB (extra) | schedule | published |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for _, r in part.iterrows():
             params = f"{int(r['params_total']) / 1e6:.1f}M / {int(r['params_trainable']) / 1e6:.2f}M" if r.get("params_total", "") != "" else ""
             stored = f"{r['stored_mb']} ({r['extra_mb']})" if r.get("stored_mb", "") != "" else ""
-            status = "" if int(r["rc"]) == 0 else f" FAILED: {r['note']}"
-            lines.append(f"| {r['step']} | {r['method']}{status} | {r['wall_s']} | {r['peak_rss_mb']} | {r.get('average', '')} | {params} | {stored} | "
-                         f"{r.get('schedule', '')} | {r.get('published', '')} |")
+            method = str(r["method"]) + (f" (chose λ = {r['chosen']})" if r.get("chosen", "") != "" else "")
+            status = "" if int(r["rc"]) == 0 else f" **failed**: {r['note']}"
+            lines.append(f"| {r['step']} | {method}{status} | {r['wall_s']} | {r['peak_rss_mb']} | {r.get('adapt_s', '')} | {r.get('evaluate_s', '')} | "
+                         f"{params} | {stored} | {r.get('schedule', '')} | {PAPER.get(str(r['method']), '')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -524,7 +505,7 @@ def main() -> None:
     r.add_argument("--methods", default="all", help="comma-separated, or all (every registered method, plus surgery_v2 and task_arithmetic_auto)")
     r.add_argument("--cache", type=Path, default=None, help="cache folder (default: <root>/cache)")
     r.add_argument("--csv", type=Path, default=ROOT / "benchmarks" / "results" / "real_scale_cpu.csv")
-    r.add_argument("--no-pages", action="store_true")
+    r.add_argument("--pages", default="all", help="pages to open in Chromium: all, none, or comma-separated (overview is the empty name)")
     r.add_argument("--append", action="store_true", help="add rows to an existing --csv")
     t = sub.add_parser("throughput")
     t.add_argument("--batch", type=int, default=64)
@@ -542,7 +523,7 @@ def main() -> None:
         if args.methods == "all":
             methods.insert(methods.index("surgery") + 1, "surgery_v2")
             methods.insert(methods.index("task_arithmetic") + 1, "task_arithmetic_auto")
-        rehearse(args.root, args.layouts.split(","), methods, args.csv, args.cache or args.root / "cache", not args.no_pages, args.append)
+        rehearse(args.root, args.layouts.split(","), methods, args.csv, args.cache or args.root / "cache", _pages(args.pages), args.append)
     elif args.cmd == "throughput":
         print(json.dumps(throughput(args.batch, args.repeats)))
     elif args.cmd == "table":

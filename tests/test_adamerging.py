@@ -77,3 +77,21 @@ def test_bad_params():
         make_params(ADA, {"granularity": "block"})
     with pytest.raises(ConfigError, match="vectors"):
         make_params(ADA, {"vectors": "dare"})
+
+
+@pytest.mark.parametrize("granularity", ["layer", "task"])
+def test_per_task_backward_gives_the_gradient_of_the_summed_entropy(tiny_suite, granularity):
+    from merging.methods.adamerging import entropy_backward, entropy_loss
+
+    model = ADA.build(tiny_suite, make_params(ADA, {"granularity": granularity}, "fast"))
+    gen = torch.Generator().manual_seed(0)
+    batches = {t: [tiny_suite.data[t].preprocess(tiny_suite.data[t].test_images[torch.randperm(24, generator=gen)[:6]]) for _ in range(2)]
+               for t in tiny_suite.tasks}
+    coefficients = model.encoder.coefficients
+    loss = entropy_loss(model, batches)
+    loss.backward()
+    summed = coefficients.grad.clone()
+    coefficients.grad = None
+    parts = entropy_backward(model, batches)
+    torch.testing.assert_close(coefficients.grad, summed, rtol=1e-5, atol=1e-7)
+    assert sum(parts.values()) == pytest.approx(float(loss), rel=1e-6) and set(parts) == set(tiny_suite.tasks)
