@@ -125,5 +125,5 @@ def test_merge_page_chooses_lambda_on_the_validation_split(app_cache, micro_suit
     figure = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if json.loads(c.proto.spec)["layout"]["title"]["text"].startswith("λ chosen"))
     star = next(t for t in figure["data"] if t.get("marker", {}).get("symbol") == "star")
     assert star["x"] == [chosen] and star["y"] == [max(result["selection"]["accuracy"])]
-    average = next(t for t in figure["data"] if t["name"].endswith("average over tasks"))
+    average = next(t for t in figure["data"] if t.get("name", "").endswith("average over tasks"))
     assert average["x"] == result["selection"]["grid"] and average["y"] == pytest.approx(result["selection"]["accuracy"])
