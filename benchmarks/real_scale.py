@@ -213,7 +213,7 @@ def generate(root: Path, images: int, seed: int = 0) -> dict[str, Path]:
     configs["hf"] = {**base, "name": "rehearsal-hf", "layout": "hf", "pretrained": "hf/pretrained", "finetuned": experts}
 
     _pickle_task_vectors_layout(root / "tv", model, finetuned)
-    configs["task_vectors"] = {**base, "name": "rehearsal-task_vectors", "layout": "task_vectors", "root": f"converted/{ARCH}",
+    configs["task_vectors"] = {**base, "name": "rehearsal-task_vectors", "layout": "task_vectors", "root": "converted",
                                "text_weights": "open_clip/pretrained.safetensors"}
     paths = {}
     for layout, cfg in configs.items():
